@@ -1,0 +1,102 @@
+"""Min-max quantization grids per output row and per group of input channels (any set of columns).
+
+    q(w) = scale * (clamp(round(w / scale) + zero, 0, maxq) - zero),   maxq = 2^bits - 1
+
+The grid always contains 0 exactly (xmin <= 0 <= xmax and an integer zero point), so weights that
+pruning set to zero stay zero after quantization. A width of 16 means "not quantized".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+NO_QUANT_BITS = 16
+VALID_BITS = (2, 3, 4, 5, 6, 7, 8, NO_QUANT_BITS)
+
+
+def check_bits(bits: int) -> int:
+    if bits not in VALID_BITS:
+        raise ValueError(f"bit width {bits} not supported: use 2..8 or 16 (= not quantized)")
+    return bits
+
+
+@dataclass(frozen=True)
+class QGrid:
+    """A quantization grid for every weight of W [out, in] (elements of one (row, group) share values).
+
+    scale, zero, maxq: [out, in] float32. maxq == 0 marks a weight that is not quantized (16 bits).
+    """
+    scale: torch.Tensor
+    zero: torch.Tensor
+    maxq: torch.Tensor
+
+    def columns(self, start: int, end: int) -> "QGrid":
+        return QGrid(self.scale[:, start:end], self.zero[:, start:end], self.maxq[:, start:end])
+
+    @staticmethod
+    def cat_rows(grids: Sequence["QGrid"]) -> "QGrid":
+        return QGrid(*(torch.cat([getattr(g, f) for g in grids], dim=0) for f in ("scale", "zero", "maxq")))
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """Round x onto its grid (elementwise, broadcasting); entries with maxq == 0 pass through unchanged."""
+    q = scale * (torch.clamp(torch.round(x / scale) + zero, torch.zeros_like(maxq), maxq) - zero)
+    return torch.where(maxq > 0, q, x)
+
+
+def _minmax(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale and zero from per-(row, group) ranges; maxq broadcasts against them."""
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    degenerate = (xmax - xmin) == 0
+    xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    safe_maxq = torch.clamp(maxq, min=1)
+    scale = (xmax - xmin) / safe_maxq
+    if sym:
+        zero = torch.floor((safe_maxq + 1) / 2).expand_as(scale)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def group_grid(W: torch.Tensor, labels: torch.Tensor, group_bits: Sequence[int], sym: bool = False) -> QGrid:
+    """Per-row grids for each group of input channels.
+
+    W: [out, in]; labels: [in] group id of each column (any set of columns, not only contiguous
+    blocks); group_bits[g]: width of group g (16 = unquantized). Ranges are taken over the group's
+    columns of each row (static grids, computed before the SparseGPT pass).
+    """
+    assert W.dim() == 2 and labels.shape == (W.shape[1],), (W.shape, labels.shape)
+    if torch.isnan(W).any():
+        raise ValueError("NaN in weights")
+    n_groups = len(group_bits)
+    W = W.float()
+    rows = W.shape[0]
+    idx = labels.to(W.device).long().unsqueeze(0).expand(rows, -1)
+    xmin = torch.zeros(rows, n_groups, device=W.device).scatter_reduce(1, idx, W, "amin", include_self=False)
+    xmax = torch.zeros(rows, n_groups, device=W.device).scatter_reduce(1, idx, W, "amax", include_self=False)
+    bits = torch.tensor([check_bits(int(b)) for b in group_bits], device=W.device, dtype=torch.float32)
+    maxq_g = torch.where(bits >= NO_QUANT_BITS, torch.zeros_like(bits), 2 ** bits - 1)  # [groups]
+    scale, zero = _minmax(xmin, xmax, maxq_g.unsqueeze(0), sym)  # [rows, groups]
+    maxq = maxq_g[labels.to(W.device).long()].unsqueeze(0).expand(rows, -1)
+    return QGrid(scale.gather(1, idx), zero.gather(1, idx), maxq.contiguous())
+
+
+def uniform_grid(W: torch.Tensor, bits: int, sym: bool = False, groupsize: Optional[int] = None) -> QGrid:
+    """One width for all columns: a grid per row, or per row and contiguous block of ``groupsize`` columns."""
+    cols = W.shape[1]
+    labels = (torch.arange(cols, device=W.device) // groupsize) if groupsize else torch.zeros(
+        cols, dtype=torch.long, device=W.device)
+    return group_grid(W, labels, [bits] * (int(labels.max()) + 1), sym)
+
+
+def quantize_weight(W: torch.Tensor, grid: QGrid) -> torch.Tensor:
+    """Round-to-nearest of a whole weight matrix on its grid (no error feedback)."""
+    return quantize(W.float(), grid.scale, grid.zero, grid.maxq).to(W.dtype)

@@ -1,0 +1,77 @@
+"""Quantization grids: levels per row, rounding error bound, exact zero, arbitrary column groups."""
+import pytest
+import torch
+
+from quant import QGrid, group_grid, quantize_weight, uniform_grid
+
+
+def rand_w(rows=16, cols=40, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [False, True])
+def test_uniform_levels_and_error_bound(bits, sym):
+    W = rand_w()
+    grid = uniform_grid(W, bits, sym)
+    Q = quantize_weight(W, grid)
+    for r in range(W.shape[0]):
+        assert torch.unique(Q[r]).numel() <= 2 ** bits
+    # inside the grid's range the rounding error is at most half a step; the asymmetric grid's
+    # range misses the row's range by at most half a step (integer zero point), so it bounds all
+    inside = (W >= grid.scale * (0 - grid.zero)) & (W <= grid.scale * (grid.maxq - grid.zero))
+    err = (W - Q).abs()
+    assert inside.float().mean() > 0.8
+    assert (err[inside] <= grid.scale[inside] / 2 + 1e-6).all()
+    if not sym:
+        assert (err <= grid.scale / 2 + 1e-6).all()
+
+
+def test_zero_is_exact_and_sixteen_bits_pass_through():
+    W = rand_w()
+    W[:, ::3] = 0
+    for bits in (2, 3, 4):
+        Q = quantize_weight(W, uniform_grid(W, bits))
+        assert (Q[:, ::3] == 0).all()
+    assert torch.equal(quantize_weight(W, uniform_grid(W, 16)), W)
+
+
+def test_arbitrary_column_groups_get_their_own_grid_and_width():
+    W = rand_w(8, 30, seed=1)
+    labels = torch.tensor([i % 3 for i in range(30)])  # interleaved, not contiguous
+    bits = [2, 4, 16]
+    grid = group_grid(W, labels, bits)
+    Q = quantize_weight(W, grid)
+    for g, b in enumerate(bits):
+        cols = labels == g
+        if b == 16:
+            assert torch.equal(Q[:, cols], W[:, cols])
+            continue
+        assert (grid.maxq[:, cols] == 2 ** b - 1).all()
+        for r in range(W.shape[0]):
+            # one grid per (row, group): the group's values are integers on it
+            s, z = grid.scale[r, cols], grid.zero[r, cols]
+            assert torch.unique(s).numel() == 1 and torch.unique(z).numel() == 1
+            levels = Q[r, cols] / s + z
+            torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
+            assert torch.unique(Q[r, cols]).numel() <= 2 ** b
+            # the group's own range sets the grid: step = (max(w, 0) - min(w, 0)) / (2^b - 1)
+            span = W[r, cols].max().clamp(min=0) - W[r, cols].min().clamp(max=0)
+            torch.testing.assert_close(s[0], span / (2 ** b - 1))
+
+
+def test_groupsize_blocks_and_cat_rows():
+    W = rand_w(4, 64)
+    grid = uniform_grid(W, 4, groupsize=16)
+    assert torch.unique(grid.scale[0]).numel() == 4
+    both = QGrid.cat_rows([grid, grid])
+    assert both.scale.shape == (8, 64)
+
+
+def test_bad_width_and_nan_raise():
+    with pytest.raises(ValueError, match="bit width 9"):
+        uniform_grid(rand_w(), 9)
+    W = rand_w()
+    W[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        uniform_grid(W, 4)

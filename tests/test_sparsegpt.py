@@ -1,0 +1,187 @@
+"""SparseGPT: exact sparsity, N:M patterns, grid membership, error versus baselines, float64 OBS reference."""
+import math
+
+import pytest
+import torch
+
+from quant import group_grid, quantize_weight, uniform_grid
+from sparsegpt import (CholeskyError, InputStats, magnitude_scores, prune_mask, sparsegpt_solve,
+                       wanda_scores)
+
+
+def correlated_inputs(n=2048, d=64, seed=0):
+    """X: [n, d] with strongly correlated channels of very different scales (as in LLM activations)."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g) / math.sqrt(d) + torch.eye(d)
+    scales = torch.exp(torch.randn(d, generator=g))
+    return (torch.randn(n, d, generator=g) @ mixing) * scales
+
+
+def layer(rows=32, d=64, seed=0):
+    X = correlated_inputs(d=d, seed=seed)
+    W = torch.randn(rows, d, generator=torch.Generator().manual_seed(seed + 1))
+    stats = InputStats(d, "cpu")
+    stats.add(X)
+    return W, X, stats.hessian()
+
+
+def out_err(W, W_new, X):
+    return torch.linalg.norm(X @ W.T - X @ W_new.T).item()
+
+
+def test_hessian_two_adds_equal_one_shot():
+    X = correlated_inputs(n=100, d=8)
+    stats = InputStats(8, "cpu")
+    stats.add(X[:30].reshape(3, 10, 8))
+    stats.add(X[30:])
+    torch.testing.assert_close(stats.hessian().double(), 2 / 100 * X.double().T @ X.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.sum_x, X.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_nan_inputs_raise():
+    stats = InputStats(4, "cpu")
+    with pytest.raises(ValueError, match="NaN"):
+        stats.add(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
+def test_unstructured_sparsity_is_exact(sparsity):
+    W, _, H = layer()
+    res = sparsegpt_solve(W, H, sparsity=sparsity, block_size=16)
+    per_block = int(32 * 16 * sparsity)
+    for b in range(0, 64, 16):
+        assert int(res.mask[:, b:b + 16].sum()) == per_block
+    assert (res.weight[res.mask] == 0).all()
+    assert int((res.weight == 0).sum()) == int(res.mask.sum()) == 4 * per_block
+
+
+def test_two_four_pattern():
+    W, _, H = layer()
+    res = sparsegpt_solve(W, H, prune_n=2, prune_m=4, block_size=16)
+    zeros = (res.weight == 0).reshape(32, 16, 4).sum(-1)
+    assert (zeros == 2).all()
+
+
+def test_sparsity_zero_without_grid_returns_w():
+    W, _, H = layer()
+    res = sparsegpt_solve(W, H, sparsity=0.0)
+    assert torch.equal(res.weight, W) and not res.mask.any()
+
+
+def test_quantized_weights_lie_on_their_group_grid():
+    W, _, H = layer()
+    labels = torch.arange(64) % 4
+    bits = [2, 3, 4, 8]
+    grid = group_grid(W, labels, bits)
+    res = sparsegpt_solve(W, H, sparsity=0.5, grid=grid, block_size=16)
+    levels = res.weight / grid.scale + grid.zero
+    torch.testing.assert_close(levels, levels.round(), atol=1e-3, rtol=0)
+    assert ((levels.round() >= 0) & (levels.round() <= grid.maxq)).all()
+    assert (res.weight[res.mask] == 0).all()
+    for g, b in enumerate(bits):
+        for r in range(32):
+            assert torch.unique(res.weight[r, labels == g]).numel() <= 2 ** b
+
+
+def test_sparsegpt_beats_magnitude_and_joint_beats_prune_then_round():
+    W, X, H = layer()
+    sgpt = sparsegpt_solve(W, H, sparsity=0.5).weight
+    mag = torch.where(prune_mask(magnitude_scores(W), 0.5), torch.zeros_like(W), W)
+    assert out_err(W, sgpt, X) < 0.7 * out_err(W, mag, X)
+    grid = uniform_grid(W, 3)
+    joint = sparsegpt_solve(W, H, sparsity=0.5, grid=grid).weight
+    then_round = quantize_weight(sgpt, grid)
+    # the error that quantization adds on top of pruning (squared output error) shrinks clearly
+    sq = lambda A: out_err(W, A, X) ** 2
+    assert sq(joint) - sq(sgpt) < 0.9 * (sq(then_round) - sq(sgpt))
+    # quantization only: the OBS error feedback (GPTQ) beats round-to-nearest
+    gptq = sparsegpt_solve(W, H, sparsity=0.0, grid=grid).weight
+    assert sq(gptq) < 0.75 * sq(quantize_weight(W, grid))
+
+
+def test_fused_call_equals_separate_calls():
+    Wq, _, H = layer(rows=24, seed=3)
+    Wk = torch.randn(8, 64, generator=torch.Generator().manual_seed(5)) * 3
+    Wv = torch.randn(8, 64, generator=torch.Generator().manual_seed(6)) * 0.1
+    Ws = [Wq, Wk, Wv]
+    labels = torch.arange(64) % 3
+    grids = [group_grid(W, labels, b) for W, b in zip(Ws, ([2, 3, 4], [4, 4, 4], [8, 2, 3]))]
+    from quant import QGrid
+    fused = sparsegpt_solve(torch.cat(Ws), H, sparsity=0.5, grid=QGrid.cat_rows(grids), row_splits=[24, 8, 8],
+                            block_size=16)
+    separate = torch.cat([sparsegpt_solve(W, H, sparsity=0.5, grid=g, block_size=16).weight for W, g in zip(Ws, grids)])
+    torch.testing.assert_close(fused.weight, separate, rtol=1e-5, atol=1e-6)
+
+
+def obs_reference(W, H, sparsity, block_size, percdamp=0.01):
+    """Naive float64 SparseGPT: explicit inverses of the remaining Hessian, one column at a time.
+
+    For column j with remaining set F = {j, ..., d-1}: Finv = inv(H[F, F]);
+    the OBS update is W[:, F] -= (w_j - q_j) / Finv[0, 0] * Finv[0, :],
+    and the saliency of column j is w^2 / Finv[0, 0] (the block mask is chosen at block start).
+    """
+    W = W.double().clone()
+    H = H.double().clone()
+    d = W.shape[1]
+    H += percdamp * torch.diag(H).mean() * torch.eye(d, dtype=torch.float64)
+    hinv_diag = torch.tensor([torch.linalg.inv(H[j:, j:])[0, 0] for j in range(d)], dtype=torch.float64)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for j in range(d):
+        if j % block_size == 0:
+            cols = slice(j, j + block_size)
+            sal = (W[:, cols] ** 2 / hinv_diag[cols]).reshape(-1)
+            k = int(sal.numel() * sparsity)
+            mask[:, cols].reshape(-1)  # view check
+            block_mask = torch.zeros_like(sal, dtype=torch.bool)
+            block_mask[torch.topk(sal, k, largest=False).indices] = True
+            mask[:, cols] = block_mask.reshape(W.shape[0], -1)
+        Finv = torch.linalg.inv(H[j:, j:])
+        q = torch.where(mask[:, j], torch.zeros_like(W[:, j]), W[:, j])
+        W[:, j:] -= ((W[:, j] - q) / Finv[0, 0]).unsqueeze(1) * Finv[0].unsqueeze(0)
+        W[:, j] = q
+    return W, mask
+
+
+def test_obs_update_matches_float64_reference():
+    W, _, H = layer(rows=6, d=24, seed=7)
+    ref, ref_mask = obs_reference(W, H, 0.5, block_size=8)
+    res = sparsegpt_solve(W.double(), H.double(), sparsity=0.5, block_size=8)
+    assert torch.equal(res.mask, ref_mask)
+    torch.testing.assert_close(res.weight, ref, rtol=1e-9, atol=1e-9)
+    res32 = sparsegpt_solve(W, H, sparsity=0.5, block_size=8)
+    torch.testing.assert_close(res32.weight.double(), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_dead_columns_are_zeroed_and_solve_succeeds():
+    W, _, H = layer()
+    H[:, 5] = 0
+    H[5, :] = 0
+    res = sparsegpt_solve(W, H, sparsity=0.5)
+    assert (res.weight[:, 5] == 0).all() and torch.isfinite(res.weight).all()
+
+
+def test_cholesky_retries_then_fails_clearly():
+    W, _, H = layer()
+    # an indefinite "Hessian" needs more damping than the first try
+    H_bad = H - 0.05 * torch.diag(H).mean() * torch.eye(64)
+    res = sparsegpt_solve(W, H_bad, sparsity=0.5)
+    assert res.damp > 0.01 * torch.diag(H_bad).mean().item()
+    with pytest.raises(CholeskyError, match="layer 3 q_proj"):
+        sparsegpt_solve(W, -torch.eye(64) * 1e6 + 1, sparsity=0.5, name="layer 3 q_proj")
+
+
+def test_wanda_prunes_per_row_and_masks_are_exact():
+    W, _, H = layer()
+    m = prune_mask(wanda_scores(W, H), 0.5, per_row=True)
+    assert (m.sum(1) == 32).all()
+    m24 = prune_mask(magnitude_scores(W), 0, 2, 4)
+    assert (m24.reshape(32, 16, 4).sum(-1) == 2).all()
+    assert not prune_mask(magnitude_scores(W), 0.0).any()
+
+
+def test_bad_arguments_raise():
+    W, _, H = layer()
+    with pytest.raises(ValueError, match="sparsity"):
+        sparsegpt_solve(W, H, sparsity=1.0)
+    with pytest.raises(ValueError, match="N:M"):
+        sparsegpt_solve(W, H, prune_n=4, prune_m=2)

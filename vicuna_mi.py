@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""Compress a LLaMA-family causal LM: SparseGPT pruning + mixed-precision quantization from MI channel groups.
+
+    python vicuna_mi.py MODEL DATASET [--sparsity 0.5] [--target_avg_bits 4.0] [--n_groups 8] ...
+
+This is the only file that reads arguments, seeds RNGs, sets torch flags, picks the device and
+writes results; everything it calls takes explicit arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import channel_grouping
+import datautils
+import eval_ppl
+import mi_estimator
+import modelutils
+import quant
+import sparsegpt
+from walker import Activations, LayerWalker
+
+# Sub-layers that share an input, in the order of the forward pass (true-sequential): each group
+# gets one Hessian and one SparseGPT call. Layers of other families fall back to one group per Linear.
+FUSED_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    model: str                          # hub id, directory, .gguf file, smollm2-135m or synthetic:NAME
+    dataset: str                        # calibration set(s): c4, wikitext2, ptb or a mix like c4+ptb
+    nsamples: int = 128                 # calibration windows
+    seqlen: int = 2048                  # tokens per calibration and evaluation window
+    seed: int = 0                       # RNG seed for calibration windows, clustering and random groups
+    sparsity: float = 0.5               # fraction of weights zeroed, in [0, 1)
+    prunen: int = 0                     # N of N:M sparsity (0 = unstructured)
+    prunem: int = 0                     # M of N:M sparsity
+    method: str = "sparsegpt"           # sparsegpt | magnitude | wanda
+    wbits: int = 16                     # uniform width when MI grouping is off (16 = no quantization)
+    sym: bool = False                   # symmetric grids instead of asymmetric min-max
+    percdamp: float = 0.01              # Hessian damping, fraction of mean(diag H)
+    blocksize: int = 128                # SparseGPT block of columns (mask chosen per block)
+    use_mi_grouping: bool = True        # per-group widths from MI channel groups
+    grouping: str = "mi"                # mi | random | contiguous
+    n_groups: int = 8                   # channel groups per sub-layer
+    target_avg_bits: float = 4.0        # average width over all quantized weights
+    bit_choices: tuple[int, ...] = (2, 3, 4, 6, 8)  # widths a group may take
+    eval: tuple[str, ...] = ("wikitext2", "ptb", "c4")  # perplexity sets after compression
+    eval_samples: Optional[int] = None  # windows per evaluation set (None = all)
+    eval_layerwise: bool = True         # evaluate layer by layer (bounded memory) or as a whole model
+    data_dir: Optional[str] = None      # local copy of the data sets (None = Hugging Face hub)
+    device: str = "auto"                # cuda, cpu or auto
+    batch_size: int = 8                 # windows per forward pass of one layer
+    trust_remote_code: bool = False     # allow a model's own code from the hub
+    out: Optional[str] = None           # JSON report path (default results/<run>.json)
+
+    @property
+    def quantize(self) -> bool:
+        return self.use_mi_grouping or self.wbits < quant.NO_QUANT_BITS
+
+    @property
+    def prune(self) -> bool:
+        return self.sparsity > 0 or self.prunen > 0
+
+
+class UsageError(ValueError):
+    """A bad combination of options."""
+
+
+def validate(cfg: CompressConfig) -> None:
+    """Reject bad options before any work starts (each message is one line)."""
+    if not 0 <= cfg.sparsity < 1:
+        raise UsageError(f"--sparsity must lie in [0, 1), got {cfg.sparsity}")
+    if cfg.wbits not in quant.VALID_BITS:
+        raise UsageError(f"--wbits must be 2..8 or 16, got {cfg.wbits}")
+    if (cfg.prunen > 0) != (cfg.prunem > 0) or cfg.prunen < 0 or cfg.prunen > cfg.prunem:
+        raise UsageError(f"N:M sparsity needs 0 < N <= M, got --prunen {cfg.prunen} --prunem {cfg.prunem}")
+    if cfg.prunen and cfg.sparsity:
+        raise UsageError("give either --sparsity or --prunen/--prunem, not both")
+    if cfg.prunen and cfg.blocksize % cfg.prunem:
+        raise UsageError(f"--blocksize {cfg.blocksize} must be a multiple of --prunem {cfg.prunem}")
+    if cfg.method not in ("sparsegpt", "magnitude", "wanda"):
+        raise UsageError(f"--method must be sparsegpt, magnitude or wanda, got {cfg.method}")
+    if cfg.grouping not in ("mi", "random", "contiguous"):
+        raise UsageError(f"--grouping must be mi, random or contiguous, got {cfg.grouping}")
+    if cfg.nsamples < 1 or cfg.seqlen < 2:
+        raise UsageError("--nsamples must be >= 1 and --seqlen >= 2")
+    if cfg.use_mi_grouping:
+        if not cfg.bit_choices:
+            raise UsageError("--bit_choices is empty")
+        for b in cfg.bit_choices:
+            if b not in quant.VALID_BITS:
+                raise UsageError(f"--bit_choices: width {b} not supported (use 2..8 or 16)")
+        lo, hi = min(cfg.bit_choices), max(cfg.bit_choices)
+        if not lo <= cfg.target_avg_bits <= hi:
+            raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} lies outside the range of "
+                             f"--bit_choices [{lo}, {hi}]")
+        if cfg.n_groups < 1:
+            raise UsageError(f"--n_groups must be >= 1, got {cfg.n_groups}")
+    for name in cfg.eval:
+        if name not in datautils.DATASETS:
+            raise UsageError(f"--eval: unknown data set {name!r}; choose from {', '.join(datautils.DATASETS)}")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
+    """Build the config from the command line; defaults live in CompressConfig only."""
+    d = CompressConfig("", "")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="hub id, local directory, .gguf file, 'smollm2-135m' or 'synthetic:vicuna-13b'")
+    p.add_argument("dataset", help="calibration data: c4, wikitext2, ptb or a mix such as c4+ptb")
+    p.add_argument("--nsamples", type=int, default=d.nsamples)
+    p.add_argument("--seqlen", type=int, default=d.seqlen)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sparsity", type=float, default=d.sparsity)
+    p.add_argument("--prunen", type=int, default=d.prunen)
+    p.add_argument("--prunem", type=int, default=d.prunem)
+    p.add_argument("--method", default=d.method, help="sparsegpt | magnitude | wanda")
+    p.add_argument("--wbits", type=int, default=d.wbits, help="uniform width with --use_mi_grouping 0")
+    p.add_argument("--sym", type=int, choices=(0, 1), default=int(d.sym))
+    p.add_argument("--percdamp", type=float, default=d.percdamp)
+    p.add_argument("--blocksize", type=int, default=d.blocksize)
+    p.add_argument("--use_mi_grouping", type=int, choices=(0, 1), default=int(d.use_mi_grouping))
+    p.add_argument("--grouping", default=d.grouping, help="mi | random | contiguous")
+    p.add_argument("--n_groups", type=int, default=d.n_groups)
+    p.add_argument("--target_avg_bits", type=float, default=d.target_avg_bits)
+    p.add_argument("--bit_choices", default=",".join(map(str, d.bit_choices)))
+    p.add_argument("--eval", default=",".join(d.eval), help="comma list, or 'none'")
+    p.add_argument("--eval_samples", type=int, default=d.eval_samples)
+    p.add_argument("--eval_layerwise", type=int, choices=(0, 1), default=int(d.eval_layerwise))
+    p.add_argument("--data_dir", default=d.data_dir)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--batch_size", type=int, default=d.batch_size)
+    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--out", default=d.out)
+    a = p.parse_args(argv)
+    try:
+        bit_choices = tuple(int(b) for b in a.bit_choices.split(",") if b.strip())
+    except ValueError:
+        raise UsageError(f"--bit_choices must be a comma list of integers, got {a.bit_choices!r}") from None
+    evals = () if a.eval.strip().lower() in ("", "none") else tuple(s.strip() for s in a.eval.split(","))
+    return CompressConfig(
+        model=a.model, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+        sparsity=a.sparsity, prunen=a.prunen, prunem=a.prunem, method=a.method, wbits=a.wbits,
+        sym=bool(a.sym), percdamp=a.percdamp, blocksize=a.blocksize,
+        use_mi_grouping=bool(a.use_mi_grouping), grouping=a.grouping, n_groups=a.n_groups,
+        target_avg_bits=a.target_avg_bits, bit_choices=bit_choices, eval=evals,
+        eval_samples=a.eval_samples, eval_layerwise=bool(a.eval_layerwise), data_dir=a.data_dir,
+        device=a.device, batch_size=a.batch_size, trust_remote_code=a.trust_remote_code, out=a.out)
+
+
+class StageTimer:
+    """Wall time per stage; synchronises CUDA so asynchronous kernels are charged to their stage."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[stage] += time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def sublayer_groups(layer: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
+    """Sub-layers of one decoder layer grouped by shared input, in forward order."""
+    linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    groups, seen = [], set()
+    for names in FUSED_GROUPS:
+        if all(n in linears for n in names):
+            groups.append([(n, linears[n]) for n in names])
+            seen.update(names)
+    groups += [[(n, m)] for n, m in linears.items() if n not in seen]
+    return groups
+
+
+def effective_bits(rows: int, col_bits: torch.Tensor, labels: Optional[torch.Tensor],
+                   n_zero: int, prunen: int, prunem: int) -> dict[str, float]:
+    """Storage of one sub-layer in bits per weight, counting what a real format would store.
+
+    values: each weight at its column's width, either dense (zeros stored as values) or compressed
+    (non-zeros only plus a 1-bit mask per weight, or log2 C(M, N) bits per M-block for N:M),
+    whichever is smaller; plus a fp16 scale and a zero point (at the group's width) per row and
+    group, and ceil(log2 groups) bits per column for the group index when groups are not contiguous.
+    """
+    cols = col_bits.numel()
+    weights = rows * cols
+    dense = rows * col_bits.double().sum().item()
+    zero_frac = n_zero / weights
+    if prunen:
+        mask_bits = weights / prunem * math.log2(math.comb(prunem, prunen))
+    else:
+        mask_bits = float(weights) if n_zero else 0.0
+    sparse = dense * (1 - zero_frac) + mask_bits
+    overhead = 0.0
+    if labels is not None:
+        for g in torch.unique(labels):
+            b = int(col_bits[labels == g][0])
+            if b < quant.NO_QUANT_BITS:
+                overhead += rows * (16 + b)
+        n_labels = int(torch.unique(labels).numel())
+        overhead += cols * math.ceil(math.log2(n_labels)) if n_labels > 1 else 0
+    return {"value_bits": dense / weights, "effective_bits": (min(dense, sparse) + overhead) / weights,
+            "storage": "sparse" if sparse < dense else "dense"}
+
+
+def plan_quantization(cfg: CompressConfig, W: torch.Tensor, H: torch.Tensor, labels: Optional[torch.Tensor],
+                      ) -> tuple[Optional[quant.QGrid], torch.Tensor, Optional[torch.Tensor], dict]:
+    """Grid, per-column widths and final labels for one sub-layer. W: [out, in], H: [in, in]."""
+    cols = W.shape[1]
+    if not cfg.use_mi_grouping:
+        col_bits = torch.full((cols,), cfg.wbits, dtype=torch.long)
+        if cfg.wbits >= quant.NO_QUANT_BITS:
+            return None, col_bits, None, {}
+        return quant.uniform_grid(W, cfg.wbits, cfg.sym), col_bits, torch.zeros(cols, dtype=torch.long), {}
+    h_diag = torch.diag(H).float()
+    keep = None
+    if cfg.prune:  # the weights a Wanda-style score would keep: they decide the error of each width
+        keep = ~sparsegpt.prune_mask(sparsegpt.wanda_scores(W, H), cfg.sparsity, cfg.prunen, cfg.prunem, per_row=True)
+    errors = channel_grouping.group_errors(W.float(), h_diag, labels, cfg.n_groups, list(cfg.bit_choices), keep)
+    importance = h_diag * (W.float() ** 2).sum(dim=0)
+    sizes = torch.bincount(labels, minlength=cfg.n_groups)
+    alloc = channel_grouping.allocate_bits(sizes.cpu(), errors.cpu(), list(cfg.bit_choices), cfg.target_avg_bits,
+                                           labels.cpu(), importance.cpu())
+    new_labels = alloc.labels.to(W.device)
+    grid = quant.group_grid(W, new_labels, alloc.group_bits, cfg.sym)
+    info = {"group_bits": list(alloc.group_bits), "group_sizes": torch.bincount(alloc.labels).tolist(),
+            "est_error": alloc.est_error}
+    return grid, alloc.col_bits.cpu(), new_labels.cpu(), info
+
+
+def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stats: sparsegpt.InputStats,
+                   timer: StageTimer, layer_idx: int) -> list[dict]:
+    """Prune and quantize the sub-layers that share ``stats``' input; returns one record per sub-layer."""
+    H = stats.hessian()
+    cols = H.shape[0]
+    labels, silhouette = None, float("nan")
+    if cfg.use_mi_grouping:
+        if cfg.n_groups > cols:
+            raise UsageError(f"--n_groups {cfg.n_groups} exceeds the {cols} input channels of {group[0][0]}")
+        if cfg.grouping == "mi":
+            with timer("mi"):
+                cov = mi_estimator.covariance_from_sums(stats.sum_xxT, stats.sum_x, stats.num_samples)
+                affinity = mi_estimator.gaussian_mi(cov)
+                del cov
+            with timer("clustering"):
+                grouping = channel_grouping.spectral_cluster(affinity, cfg.n_groups, seed=cfg.seed + layer_idx)
+                del affinity
+        elif cfg.grouping == "random":
+            grouping = channel_grouping.random_groups(cols, cfg.n_groups, seed=cfg.seed + layer_idx)
+        else:
+            grouping = channel_grouping.contiguous_groups(cols, cfg.n_groups)
+        labels, silhouette = grouping.labels.to(H.device), grouping.silhouette
+
+    Ws = [m.weight.data.float() for _, m in group]
+    plans = []
+    with timer("allocation"):
+        for W in Ws:
+            plans.append(plan_quantization(cfg, W, H, labels))
+    start = time.perf_counter()
+    with timer("prune_quant"):
+        W_all = torch.cat(Ws, dim=0)
+        grids = [p[0] for p in plans]
+        grid = quant.QGrid.cat_rows(grids) if grids[0] is not None else None
+        if cfg.method == "sparsegpt":
+            result = sparsegpt.sparsegpt_solve(
+                W_all, H, sparsity=cfg.sparsity, prune_n=cfg.prunen, prune_m=cfg.prunem,
+                block_size=cfg.blocksize, percdamp=cfg.percdamp, grid=grid,
+                row_splits=[W.shape[0] for W in Ws], name=f"layer {layer_idx} {group[0][0]}")
+            W_new, mask = result.weight, result.mask
+        else:  # magnitude / wanda: mask from scores, then round-to-nearest on the grid
+            scores = sparsegpt.magnitude_scores(W_all) if cfg.method == "magnitude" else sparsegpt.wanda_scores(W_all, H)
+            per_row = cfg.method == "wanda"
+            mask = torch.cat([sparsegpt.prune_mask(s, cfg.sparsity, cfg.prunen, cfg.prunem, per_row)
+                              for s in scores.split([W.shape[0] for W in Ws])])
+            W_new = torch.where(mask, torch.zeros_like(W_all), W_all)
+            if grid is not None:
+                W_new = quant.quantize_weight(W_new, grid)
+    elapsed = time.perf_counter() - start
+    records, row = [], 0
+    for (name, module), W, (_, col_bits, sub_labels, info) in zip(group, Ws, plans):
+        rows = W.shape[0]
+        W_sub = W_new[row:row + rows]
+        module.weight.data.copy_(W_sub.to(module.weight.dtype))
+        n_zero = int((module.weight.data == 0).sum())
+        storage = effective_bits(rows, col_bits, sub_labels, n_zero, cfg.prunen, cfg.prunem)
+        records.append({
+            "layer": layer_idx, "name": name, "shape": [rows, W.shape[1]],
+            "time_s": elapsed * rows / W_all.shape[0],
+            "sparsity": n_zero / W_sub.numel(), "mask_sparsity": mask[row:row + rows].float().mean().item(),
+            "bits": col_bits.double().mean().item(), "silhouette": silhouette,
+            "bit_histogram": {int(b): int(c) for b, c in zip(*torch.unique(col_bits, return_counts=True))},
+            **storage, **info})
+        row += rows
+    return records
+
+
+def compress_model(cfg: CompressConfig, model: nn.Module, calib: torch.Tensor, device: torch.device,
+                   timer: StageTimer) -> list[dict]:
+    """Walk the layers: statistics per input group, compress, then propagate the compressed outputs."""
+    walker = LayerWalker(model, device, batch_size=cfg.batch_size)
+    with timer("capture"):
+        acts: Activations = walker.capture(calib)
+    records: list[dict] = []
+    bar = tqdm(walker.layers(), total=len(walker.decoder_layers), desc="compress", unit="layer")
+    for i, layer in bar:
+        for group in sublayer_groups(layer):
+            stats = sparsegpt.InputStats(group[0][1].in_features, device)
+            with timer("statistics"):
+                walker.feed(layer, acts, group[0][1], stats.add)
+            records += compress_group(cfg, group, stats, timer, i)
+            del stats
+        with timer("propagate"):
+            acts = walker.run(layer, acts)
+        bar.set_postfix(bits=f"{_weighted(records, 'bits'):.3f}", sparsity=f"{_weighted(records, 'sparsity'):.3f}")
+    return records
+
+
+def _weighted(records: list[dict], key: str) -> float:
+    """Average of a per-sub-layer figure weighted by the number of weights."""
+    total = sum(r["shape"][0] * r["shape"][1] for r in records)
+    return sum(r[key] * r["shape"][0] * r["shape"][1] for r in records) / total if total else float("nan")
+
+
+def summarize(cfg: CompressConfig, records: list[dict], ppl: dict, windows: dict, times: dict) -> dict:
+    report: dict = {"config": asdict(cfg), "versions": {
+        "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__}}
+    report["ppl"] = ppl
+    report["eval_windows"] = windows
+    if records:
+        hist: dict[int, int] = defaultdict(int)
+        for r in records:
+            for b, c in r["bit_histogram"].items():
+                hist[b] += c
+        n_cols = sum(hist.values())
+        sil = [r["silhouette"] for r in records if not math.isnan(r["silhouette"])]
+        report["sparsity"] = {"target": cfg.prunen / cfg.prunem if cfg.prunen else cfg.sparsity,
+                              "actual": _weighted(records, "sparsity"), "mask": _weighted(records, "mask_sparsity")}
+        report["avg_bits"] = {"target": cfg.target_avg_bits if cfg.use_mi_grouping else cfg.wbits,
+                              "actual": _weighted(records, "bits"),
+                              "effective": _weighted(records, "effective_bits"),
+                              "max_sublayer_deviation": max(abs(r["bits"] - (cfg.target_avg_bits if cfg.use_mi_grouping else cfg.wbits)) for r in records)}
+        report["bit_histogram_channels"] = {str(b): {"channels": c, "fraction": c / n_cols} for b, c in sorted(hist.items())}
+        report["silhouette"] = {"mean": sum(sil) / len(sil), "min": min(sil), "max": max(sil)} if sil else None
+    report["time_s"] = {"total": times.get("total", 0.0), **{k: v for k, v in times.items() if k != "total"}}
+    compress_keys = ("capture", "statistics", "mi", "clustering", "allocation", "prune_quant", "propagate")
+    report["time_s"]["compression"] = sum(times.get(k, 0.0) for k in compress_keys)
+    if report["time_s"]["compression"] and cfg.use_mi_grouping and cfg.grouping == "mi":
+        report["time_s"]["mi_clustering_fraction"] = (times.get("mi", 0.0) + times.get("clustering", 0.0)) / report["time_s"]["compression"]
+    report["layers"] = records
+    return report
+
+
+def print_summary(report: dict) -> None:
+    cfg = report["config"]
+    lines = ["", f"== {cfg['model']}  calib={cfg['dataset']} x{cfg['nsamples']}x{cfg['seqlen']}  "
+                 f"method={cfg['method']}  sparsity={cfg['sparsity'] or (str(cfg['prunen']) + ':' + str(cfg['prunem']) if cfg['prunen'] else 0)}  "
+                 + (f"MI groups={cfg['n_groups']} ({cfg['grouping']}) target={cfg['target_avg_bits']} bits {cfg['bit_choices']}"
+                    if cfg["use_mi_grouping"] else f"wbits={cfg['wbits']}")]
+    if "avg_bits" in report:
+        a, s = report["avg_bits"], report["sparsity"]
+        lines.append(f"avg bits   : {a['actual']:.4f} (target {a['target']}, worst sub-layer off by {a['max_sublayer_deviation']:.4f})")
+        lines.append(f"effective  : {a['effective']:.4f} bits/weight (values + scales/zeros + group index + sparse mask)")
+        lines.append(f"sparsity   : {s['actual']:.4f} zeros (mask {s['mask']:.4f}, target {s['target']})")
+        hist = "  ".join(f"{b}b {v['fraction'] * 100:.1f}%" for b, v in report["bit_histogram_channels"].items())
+        lines.append(f"channels   : {hist}")
+        if report.get("silhouette"):
+            sil = report["silhouette"]
+            lines.append(f"silhouette : mean {sil['mean']:.3f}  min {sil['min']:.3f}  max {sil['max']:.3f}")
+    t = report["time_s"]
+    stages = "  ".join(f"{k} {v:.1f}s" for k, v in t.items() if k not in ("total", "compression", "mi_clustering_fraction") and v)
+    lines.append(f"time       : total {t['total']:.1f}s, compression {t['compression']:.1f}s"
+                 + (f" (MI+clustering {t['mi_clustering_fraction'] * 100:.1f}%)" if "mi_clustering_fraction" in t else ""))
+    lines.append(f"stages     : {stages}")
+    if report["ppl"]:
+        lines.append("perplexity : " + "  ".join(f"{k} {v:.3f} ({report['eval_windows'][k]} windows)" for k, v in report["ppl"].items()))
+    print("\n".join(lines), flush=True)
+
+
+def default_out(cfg: CompressConfig) -> Path:
+    model = re.sub(r"[^A-Za-z0-9.-]+", "_", Path(cfg.model).name if cfg.model.endswith(".gguf") else cfg.model)
+    bits = f"mi{cfg.target_avg_bits:g}-{cfg.grouping}" if cfg.use_mi_grouping else f"w{cfg.wbits}"
+    sp = f"{cfg.prunen}of{cfg.prunem}" if cfg.prunen else f"s{cfg.sparsity:g}"
+    return Path("results") / f"{model}_{cfg.method}_{sp}_{bits}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def run(cfg: CompressConfig) -> dict:
+    validate(cfg)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = False  # Hessian and OBS math in true float32
+    torch.backends.cudnn.allow_tf32 = False
+    timer = StageTimer(device)
+    t0 = time.perf_counter()
+    with timer("load"):
+        lm = modelutils.load_model(cfg.model, device=str(device), trust_remote_code=cfg.trust_remote_code)
+    model = lm.model
+    records: list[dict] = []
+    if cfg.prune or cfg.quantize:
+        with timer("calibration_data"):
+            calib = lm.encode_ids(datautils.calibration_windows(
+                cfg.dataset, lm.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir))
+        records = compress_model(cfg, model, calib, device, timer)
+    ppl, windows = {}, {}
+    for name in cfg.eval:
+        with timer("evaluation"):
+            ids = lm.encode_ids(datautils.eval_tokens(name, lm.tokenizer, cfg.seqlen, cfg.data_dir))
+            ppl[name], windows[name] = eval_ppl.perplexity(
+                model, ids, cfg.seqlen, device, limit=cfg.eval_samples, layerwise=cfg.eval_layerwise,
+                batch_size=cfg.batch_size, desc=f"eval {name}")
+    times = dict(timer.seconds)
+    times["total"] = time.perf_counter() - t0
+    report = summarize(cfg, records, ppl, windows, times)
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print_summary(report)
+    print(f"report     : {out}")
+    return report
+
+
+ERRORS = (UsageError, modelutils.ModelError, datautils.DataError, sparsegpt.CholeskyError, ValueError)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        run(cfg)
+    except ERRORS as e:
+        print(f"vicuna_mi: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
