@@ -400,6 +400,8 @@ def print_summary(report: dict) -> None:
     lines.append(f"time       : total {t['total']:.1f}s, compression {t['compression']:.1f}s"
                  + (f" (MI+clustering {t['mi_clustering_fraction'] * 100:.1f}%)" if "mi_clustering_fraction" in t else ""))
     lines.append(f"stages     : {stages}")
+    if report.get("device", {}).get("peak_memory_gib"):
+        lines.append(f"GPU memory : peak {report['device']['peak_memory_gib']:.1f} GiB allocated on {report['device']['name']}")
     if report["ppl"]:
         lines.append("perplexity : " + "  ".join(f"{k} {v:.3f} ({report['eval_windows'][k]} windows)" for k, v in report["ppl"].items()))
     print("\n".join(lines), flush=True)
@@ -439,6 +441,8 @@ def run(cfg: CompressConfig) -> dict:
     times = dict(timer.seconds)
     times["total"] = time.perf_counter() - t0
     report = summarize(cfg, records, ppl, windows, times)
+    report["device"] = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
