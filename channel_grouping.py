@@ -294,7 +294,7 @@ def spectral_cluster(
     Steps: symmetrise, clamp >= 0 and zero the diagonal of A (self-affinity unused; binned MI puts
     entropies there); add eps = 1e-3 * mean(A) (1 if A == 0) to every entry so isolated /
     zero-degree channels are still connected; top-n_groups eigenvectors (``top_eigenvectors``:
-    dense eigh for d <= eigh_max_dim (default 2048 on the CPU, 256 on a GPU), randomised subspace
+    dense eigh for d <= eigh_max_dim (default 512 on the CPU, 256 on a GPU), randomised subspace
     iteration above); row-normalise;
     k-means (``kmeans``). The silhouette is computed in that row-normalised spectral embedding
     on a random subsample of at most ``silhouette_samples`` channels (deterministic from seed).
@@ -330,7 +330,7 @@ def spectral_cluster(
     s = A.sum(1).rsqrt()  # s: [d] = D^-1/2 (degrees >= d * eps > 0)
     A.mul_(s[:, None]).mul_(s[None, :])  # A is now M: [d, d]
     if eigh_max_dim is None:  # a dense eigh is cheap on the CPU but slow on a GPU, where matmuls are cheap
-        eigh_max_dim = 2048 if device.type == "cpu" else 256
+        eigh_max_dim = 512 if device.type == "cpu" else 256
     V = top_eigenvectors(A, n_groups, seed=seed, eigh_max_dim=eigh_max_dim, n_iter=n_iter, oversample=oversample)
     del A
     # The embedding is small ([d, k]): k-means and the silhouette run on the CPU, where their many

@@ -109,6 +109,19 @@ def _default_dtype(device: str) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
+def synthetic_config(name: str):
+    """LlamaConfig of a real architecture (``SYNTHETIC_SHAPES``): Vicuna-13B-v1.5, LLaMA-7B or a tiny test model."""
+    from transformers import LlamaConfig
+
+    if name not in SYNTHETIC_SHAPES:
+        raise ModelError(f"unknown synthetic model {name!r}; choose from {', '.join(SYNTHETIC_SHAPES)}")
+    layers, hidden, inter, heads, kv_heads, vocab = SYNTHETIC_SHAPES[name]
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)
+
+
 def synthetic_model(name: str, dtype: torch.dtype = torch.float32, init_device: str = "cpu",
                     seed: int = 0) -> nn.Module:
     """A LlamaForCausalLM with a real architecture's shapes and random N(0, 0.02) weights; no hub needed.
@@ -116,15 +129,9 @@ def synthetic_model(name: str, dtype: torch.dtype = torch.float32, init_device: 
     Parameters are created on the meta device and filled chunk by chunk on ``init_device`` (a GPU
     fills 13B parameters in seconds), then kept on the CPU so the walker can stream them.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    if name not in SYNTHETIC_SHAPES:
-        raise ModelError(f"unknown synthetic model {name!r}; choose from {', '.join(SYNTHETIC_SHAPES)}")
-    layers, hidden, inter, heads, kv_heads, vocab = SYNTHETIC_SHAPES[name]
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False)
+    config = synthetic_config(name)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").to(dtype)

@@ -32,7 +32,7 @@ import mi_estimator
 import modelutils
 import quant
 import sparsegpt
-from walker import Activations, LayerWalker
+from walker import Activations, LayerWalker, get_decoder_layers
 
 # Sub-layers that share an input, in the order of the forward pass (true-sequential): each group
 # gets one Hessian and one SparseGPT call. Layers of other families fall back to one group per Linear.
@@ -263,8 +263,6 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
     cols = H.shape[0]
     labels, silhouette = None, float("nan")
     if cfg.use_mi_grouping:
-        if cfg.n_groups > cols:
-            raise UsageError(f"--n_groups {cfg.n_groups} exceeds the {cols} input channels of {group[0][0]}")
         if cfg.grouping == "mi":
             with timer("mi"):
                 cov = mi_estimator.covariance_from_sums(stats.sum_xxT, stats.sum_x, stats.num_samples)
@@ -425,6 +423,10 @@ def run(cfg: CompressConfig) -> dict:
     with timer("load"):
         lm = modelutils.load_model(cfg.model, device=str(device), trust_remote_code=cfg.trust_remote_code)
     model = lm.model
+    if cfg.use_mi_grouping:
+        narrowest = min(m.in_features for m in get_decoder_layers(model).modules() if isinstance(m, nn.Linear))
+        if cfg.n_groups > narrowest:
+            raise UsageError(f"--n_groups {cfg.n_groups} exceeds the {narrowest} input channels of the narrowest sub-layer")
     records: list[dict] = []
     if cfg.prune or cfg.quantize:
         with timer("calibration_data"):

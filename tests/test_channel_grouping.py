@@ -85,7 +85,7 @@ def test_spectral_recovers_planted_blocks_subspace_path_forced() -> None:
 
 
 def test_spectral_subspace_path_above_default_threshold() -> None:
-    A, truth = _planted([700, 600, 800], seed=4)  # d = 2100 > default eigh_max_dim 2048
+    A, truth = _planted([700, 600, 800], seed=4)  # d = 2100 > the default eigh_max_dim on the CPU
     grp = spectral_cluster(A, 3, seed=0)
     assert _same_partition(grp.labels, truth)
     assert grp.silhouette > 0.9

@@ -1,0 +1,47 @@
+"""Bit allocation on the real SmolLM2 weights and activations: every sub-layer meets the target."""
+import pytest
+import torch
+
+import vicuna_mi
+from channel_grouping import spectral_cluster
+from mi_estimator import covariance_from_sums, gaussian_mi
+from sparsegpt import InputStats
+from walker import LayerWalker
+
+
+@pytest.fixture(scope="module")
+def layer_stats(smollm2, data_dir):
+    """(weights, Hessian, MI labels) of every sub-layer of SmolLM2's first three decoder layers."""
+    import datautils
+    ids = datautils.calibration_windows("c4", smollm2.tokenizer, 2, 64, 0, data_dir)
+    walker = LayerWalker(smollm2.model, "cpu")
+    acts = walker.capture(ids)
+    out = []
+    for i, layer in walker.layers():
+        if i == 3:
+            break
+        for group in vicuna_mi.sublayer_groups(layer):
+            stats = InputStats(group[0][1].in_features, "cpu")
+            walker.feed(layer, acts, group[0][1], stats.add)
+            labels = spectral_cluster(gaussian_mi(covariance_from_sums(stats.sum_xxT, stats.sum_x, stats.num_samples)),
+                                      8, seed=i).labels
+            out += [(name, m.weight.data.clone(), stats.hessian(), labels) for name, m in group]
+        acts = walker.run(layer, acts)
+    return out
+
+
+@pytest.mark.parametrize("target", [3.0, 3.5, 4.0, 5.0])
+def test_every_sublayer_meets_the_target(layer_stats, target):
+    cfg = vicuna_mi.CompressConfig("smollm2-135m", "c4", target_avg_bits=target, n_groups=8)
+    total_bits = total_weights = 0.0
+    for name, W, H, labels in layer_stats:
+        grid, col_bits, new_labels, info = vicuna_mi.plan_quantization(cfg, W, H, labels)
+        assert abs(col_bits.double().mean().item() - target) <= 0.01, name
+        assert set(col_bits.tolist()) <= set(cfg.bit_choices)
+        # each final label has one width, and the grid carries it
+        for g in torch.unique(new_labels):
+            assert torch.unique(col_bits[new_labels == g]).numel() == 1
+        assert torch.equal(grid.maxq[0], (2 ** col_bits.float()) - 1)
+        total_bits += col_bits.double().sum().item() * W.shape[0]
+        total_weights += W.numel()
+    assert abs(total_bits / total_weights - target) <= 0.01
