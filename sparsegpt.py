@@ -134,26 +134,33 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, *, sparsity: float = 0.0, 
         err_block = torch.zeros_like(W_block)
         U_block = U[block_start:block_end, block_start:block_end]
         d = torch.diag(U_block)
-        block_grid = grid.columns(block_start, block_end) if grid is not None else None
+        if grid is not None:
+            # With an integer zero point, scale * (clamp(round(w / scale) + zero, 0, maxq) - zero)
+            # = scale * clamp(round(w / scale), -zero, maxq - zero): four kernels per column.
+            block_grid = grid.columns(block_start, block_end)
+            scale, lo, hi = block_grid.scale, -block_grid.zero, block_grid.maxq - block_grid.zero
+            passthrough = block_grid.maxq == 0          # 16-bit weights stay as they are
+            any_passthrough = bool(passthrough.any())
         if prune_n == 0 and sparsity > 0:
             mask_block = _block_mask(W_block, d, sparsity, row_splits)
         else:
             mask_block = torch.zeros_like(W_block, dtype=torch.bool)
         for j in range(count):
-            w = W_block[:, j]
             if prune_n and j % prune_m == 0:
                 # saliency_ij = w_ij^2 / U_jj^2 over the next M columns; prune the N lowest of each row.
                 saliency = W_block[:, j:j + prune_m] ** 2 / d[j:j + prune_m].unsqueeze(0) ** 2
                 lowest = torch.topk(saliency, prune_n, dim=1, largest=False).indices
                 mask_block.scatter_(1, j + lowest, True)
-            q = torch.where(mask_block[:, j], torch.zeros_like(w), w)
-            if block_grid is not None:
-                q = quantize(q, block_grid.scale[:, j], block_grid.zero[:, j], block_grid.maxq[:, j])
+            w = W_block[:, j]
+            q = w.masked_fill(mask_block[:, j], 0)
+            if grid is not None:
+                quantized = torch.clamp(torch.round(q / scale[:, j]), lo[:, j], hi[:, j]).mul_(scale[:, j])
+                q = torch.where(passthrough[:, j], q, quantized) if any_passthrough else quantized
             Q_block[:, j] = q
-            losses += (w - q) ** 2 / d[j] ** 2 / 2
-            col_err = (w - q) / d[j]
-            W_block[:, j:] -= col_err.unsqueeze(1) @ U_block[j, j:].unsqueeze(0)
+            col_err = (w - q).div_(d[j])
+            W_block[:, j:].addr_(col_err, U_block[j, j:], alpha=-1)
             err_block[:, j] = col_err
+        losses += (err_block ** 2).sum(dim=1) / 2       # sum_j (w_j - q_j)^2 / U_jj^2 / 2
         W[:, block_start:block_end] = Q_block
         mask[:, block_start:block_end] = mask_block
         W[:, block_end:] -= err_block @ U[block_start:block_end, block_end:]
