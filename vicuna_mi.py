@@ -377,9 +377,33 @@ def summarize(cfg: CompressConfig, records: list[dict], ppl: dict, windows: dict
     return report
 
 
+def layer_table(records: list[dict]) -> list[str]:
+    """One line per decoder layer: widths, storage, sparsity, clustering quality and time of its sub-layers."""
+    by_layer: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        by_layer[r["layer"]].append(r)
+    lines = [f"{'layer':>5} {'avg bits':>8} {'sub-layer range':>15} {'effective':>9} {'zeros':>6} "
+             f"{'silhouette':>10} {'widths (share of channels)':<34} {'time s':>6}"]
+    for i, recs in sorted(by_layer.items()):
+        bits = [r["bits"] for r in recs]
+        hist: dict[int, int] = defaultdict(int)
+        for r in recs:
+            for b, c in r["bit_histogram"].items():
+                hist[int(b)] += c
+        total = sum(hist.values())
+        widths = " ".join(f"{b}:{c / total:.0%}" for b, c in sorted(hist.items()))
+        sil = [r["silhouette"] for r in recs if not math.isnan(r["silhouette"])]
+        lines.append(f"{i:>5} {_weighted(recs, 'bits'):>8.3f} {min(bits):>7.3f}-{max(bits):<7.3f} "
+                     f"{_weighted(recs, 'effective_bits'):>9.3f} {_weighted(recs, 'sparsity'):>6.3f} "
+                     f"{(sum(sil) / len(sil)) if sil else float('nan'):>10.3f} {widths:<34} "
+                     f"{sum(r['time_s'] for r in recs):>6.2f}")
+    return lines
+
+
 def print_summary(report: dict) -> None:
     cfg = report["config"]
-    lines = ["", f"== {cfg['model']}  calib={cfg['dataset']} x{cfg['nsamples']}x{cfg['seqlen']}  "
+    lines = [""] + layer_table(report["layers"]) if report["layers"] else [""]
+    lines += ["", f"== {cfg['model']}  calib={cfg['dataset']} x{cfg['nsamples']}x{cfg['seqlen']}  "
                  f"method={cfg['method']}  sparsity={cfg['sparsity'] or (str(cfg['prunen']) + ':' + str(cfg['prunem']) if cfg['prunen'] else 0)}  "
                  + (f"MI groups={cfg['n_groups']} ({cfg['grouping']}) target={cfg['target_avg_bits']} bits {cfg['bit_choices']}"
                     if cfg["use_mi_grouping"] else f"wbits={cfg['wbits']}")]
