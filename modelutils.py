@@ -148,7 +148,7 @@ def synthetic_model(name: str, dtype: torch.dtype = torch.float32, init_device: 
 
 
 def load_model(name: str, device: str = "cpu", dtype: Optional[torch.dtype] = None,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, revision: Optional[str] = None) -> LoadedModel:
     """Load ``name`` (hub id, local directory, .gguf path, ``smollm2-135m`` or ``synthetic:NAME``) on the CPU.
 
     The model stays on the CPU in ``dtype`` (fp16 when the compute device is CUDA, fp32 otherwise);
@@ -179,9 +179,10 @@ def load_model(name: str, device: str = "cpu", dtype: Optional[torch.dtype] = No
                          f"'{BUILTIN_SMOLLM2}' or 'synthetic:<{'|'.join(SYNTHETIC_SHAPES)}>')")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as e:
-        raise ModelError(f"cannot load model {name}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot load model {name} (weights are read from safetensors only; pass --revision "
+                         f"for a branch that has them): {str(e).splitlines()[0]}") from None
     model.config.use_cache = False
     return LoadedModel(model.eval(), tokenizer, name)

@@ -71,6 +71,7 @@ class CompressConfig:
     device: str = "auto"                # cuda, cpu or auto
     batch_size: int = 8                 # windows per forward pass of one layer
     trust_remote_code: bool = False     # allow a model's own code from the hub
+    revision: Optional[str] = None      # hub branch/commit (e.g. one that holds safetensors weights)
     out: Optional[str] = None           # JSON report path (default results/<run>.json)
 
     @property
@@ -150,6 +151,7 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
     p.add_argument("--device", default=d.device)
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--revision", default=d.revision, help="hub branch or commit of MODEL")
     p.add_argument("--out", default=d.out)
     a = p.parse_args(argv)
     try:
@@ -164,7 +166,8 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
         use_mi_grouping=bool(a.use_mi_grouping), grouping=a.grouping, n_groups=a.n_groups,
         target_avg_bits=a.target_avg_bits, bit_choices=bit_choices, eval=evals,
         eval_samples=a.eval_samples, eval_layerwise=bool(a.eval_layerwise), data_dir=a.data_dir,
-        device=a.device, batch_size=a.batch_size, trust_remote_code=a.trust_remote_code, out=a.out)
+        device=a.device, batch_size=a.batch_size, trust_remote_code=a.trust_remote_code,
+        revision=a.revision, out=a.out)
 
 
 class StageTimer:
@@ -445,7 +448,8 @@ def run(cfg: CompressConfig) -> dict:
     timer = StageTimer(device)
     t0 = time.perf_counter()
     with timer("load"):
-        lm = modelutils.load_model(cfg.model, device=str(device), trust_remote_code=cfg.trust_remote_code)
+        lm = modelutils.load_model(cfg.model, device=str(device), trust_remote_code=cfg.trust_remote_code,
+                                   revision=cfg.revision)
     model = lm.model
     if cfg.use_mi_grouping:
         narrowest = min(m.in_features for m in get_decoder_layers(model).modules() if isinstance(m, nn.Linear))
@@ -485,7 +489,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = parse_args(argv)
         run(cfg)
     except ERRORS as e:
-        print(f"vicuna_mi: error: {e}", file=sys.stderr)
+        print(f"vicuna_mi: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     return 0
 
