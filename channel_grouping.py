@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+import quant
+
 __all__ = [
     "Grouping",
     "BitAllocation",
@@ -32,7 +34,7 @@ __all__ = [
     "allocate_bits",
 ]
 
-VALID_BITS = frozenset({2, 3, 4, 5, 6, 7, 8, 16})  # 16 = keep in half precision (no quantisation)
+VALID_BITS = frozenset(quant.VALID_BITS)  # 16 = keep in half precision (no quantisation)
 
 
 @dataclass(frozen=True)
@@ -432,24 +434,14 @@ def group_errors(
     device = W.device
     Wf = W.to(torch.float32)  # Wf: [out, in]
     lab = labels.to(device=device, dtype=torch.int64)
-    idx = lab[None, :].expand(out_f, in_f)  # idx: [out, in]
-    zeros = torch.zeros(out_f, n_groups, dtype=torch.float32, device=device)
-    xmin = zeros.scatter_reduce(1, idx, Wf, "amin", include_self=True)  # xmin: [out, G] = min(min, 0)
-    xmax = zeros.scatter_reduce(1, idx, Wf, "amax", include_self=True)  # xmax: [out, G] = max(max, 0)
-    rng = xmax - xmin
     weight = h_diag.to(device=device, dtype=torch.float32)[None, :]  # weight: [1, in]
     if keep_mask is not None:
         weight = weight * keep_mask
     errors = torch.zeros(n_groups, len(bits), dtype=torch.float64, device=device)
     for c, b in enumerate(bits):
-        if b >= 16:
+        if b >= quant.NO_QUANT_BITS:
             continue
-        maxq = float(2**b - 1)
-        scale = rng / maxq
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero (row, group): q = 0 = w
-        zero = torch.round(-xmin / scale)
-        s_col, z_col = scale[:, lab], zero[:, lab]  # [out, in]
-        q = s_col * (torch.clamp(torch.round(Wf / s_col) + z_col, 0.0, maxq) - z_col)
+        q = quant.quantize_weight(Wf, quant.group_grid(Wf, lab, [b] * n_groups))  # the grids SparseGPT will use
         err_col = (weight * (Wf - q) ** 2).sum(0, dtype=torch.float64)  # err_col: [in]
         errors[:, c].index_add_(0, lab, err_col)
     return errors
