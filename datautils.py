@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+CALIB_SPLITS: tuple[str, ...] = ("train", "validation")  # never "test": the split perplexity is measured on
 C4_EVAL_DOCS = 1100  # SparseGPT: validation[:1100]
 C4_EVAL_WINDOWS = 256  # SparseGPT: eval stream cut to 256 * seqlen tokens
 
@@ -235,21 +236,48 @@ def _c4_windows(
     return torch.stack(windows)
 
 
+def _calib_split(name: str, split: str) -> str:
+    """The split of ``name`` that calibration windows for ``split`` are drawn from.
+
+    c4 always calibrates on train: its validation split is the one c4 perplexity reads.
+    """
+    if split not in CALIB_SPLITS:
+        raise DataError(f"calibration split must be one of {', '.join(CALIB_SPLITS)}, got {split!r} "
+                        f"(test is the evaluated split)")
+    return "train" if name == "c4" else split
+
+
 def calibration_windows(
-    names: str, tokenizer: Any, nsamples: int, seqlen: int, seed: int, data_dir: str | None
+    names: str,
+    tokenizer: Any,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    data_dir: str | None,
+    split: str = "train",
 ) -> torch.LongTensor:
-    """``nsamples`` calibration windows [nsamples, seqlen] from the train splits of ``names``.
+    """``nsamples`` calibration windows [nsamples, seqlen] from ``split`` of ``names``.
 
     ``names`` is one dataset or a "+"-joined mix; samples are split as evenly as possible,
-    earlier sets taking the remainder. Reproducible from ``seed`` (own generator, no global RNG).
+    earlier sets taking the remainder. ``split`` is "train" or "validation" (the offline copies
+    of wikitext2 and ptb have no train split); c4 always uses its train split. Reproducible
+    from ``seed`` (own generator, no global RNG).
     """
     parts = [p.strip() for p in names.split("+")]
     for part in parts:
         _spec(part)
+    splits = [_calib_split(part, split) for part in parts]
     if nsamples < 0 or seqlen < 1:
         raise DataError(f"need nsamples >= 0 and seqlen >= 1, got nsamples={nsamples}, seqlen={seqlen}")
-    # Load every train split first so a missing file fails before any tokenizing.
-    rows = [load_rows(part, "train", data_dir) for part in parts]
+    if data_dir is not None:
+        for part, part_split in zip(parts, splits):
+            path = Path(data_dir) / DATASETS[part].local_files[part_split]
+            if not path.is_file() and part != "c4":  # c4 has no other split to offer
+                other = "validation" if part_split == "train" else "train"
+                raise DataError(f"{part} has no {part_split} split in {data_dir} (missing {path}): "
+                                f"pass --calib_split {other}")
+    # Load every split first so a missing file fails before any tokenizing.
+    rows = [load_rows(part, part_split, data_dir) for part, part_split in zip(parts, splits)]
     base, extra = divmod(nsamples, len(parts))
     generator = torch.Generator().manual_seed(seed)
     chunks = []
@@ -258,13 +286,7 @@ def calibration_windows(
         if part == "c4":
             chunks.append(_c4_windows(part_rows, tokenizer, count, seqlen, generator))
         else:
+            # Validation rows are joined like train rows (SparseGPT's train convention).
             stream = tokenizer(_join_train(part, part_rows), return_tensors="pt").input_ids
             chunks.append(sample_windows(stream, count, seqlen, generator))
     return torch.cat(chunks, dim=0)
-
-
-def window_count(n_tokens: int, seqlen: int) -> int:
-    """Number of non-overlapping evaluation windows: n_tokens // seqlen."""
-    if seqlen < 1:
-        raise DataError(f"seqlen must be positive, got {seqlen}")
-    return n_tokens // seqlen

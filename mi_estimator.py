@@ -1,11 +1,9 @@
 """Mutual-information estimators between input channels of a linear layer.
 
-Input channels are the columns of a weight W [out, in]; their activations X [n, in] are collected
-on calibration data. Two estimators are provided:
-
-* ``gaussian_mi`` (default): closed form for jointly Gaussian channels, from a covariance matrix
-  that is accumulated in streaming form (``covariance_from_sums``).
-* ``binned_mi`` (comparison only): plug-in histogram estimator with equal-frequency bins.
+Input channels are the columns of a weight W [out, in]; their activations X [n, in] are seen on
+calibration data. ``gaussian_mi`` is the closed form for jointly Gaussian channels, from a covariance
+matrix that is built from the same streamed sums as the Hessian (``covariance_from_sums``), so the
+MI costs no extra pass over the activations.
 
 All functions are pure, device-agnostic torch functions; MI is in nats.
 """
@@ -15,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["covariance_from_sums", "gaussian_mi", "binned_mi"]
+__all__ = ["covariance_from_sums", "gaussian_mi"]
 
 _RHO_MAX = 1.0 - 1e-6  # |rho| clamp so that I = -1/2 log(1 - rho^2) stays finite (<= ~6.56 nats)
 
@@ -84,79 +82,3 @@ def gaussian_mi(cov: Tensor, eps: float = 1e-6) -> Tensor:
     mi = -0.5 * torch.log1p(-rho * rho)  # mi: [d, d]
     mi.fill_diagonal_(0.0)
     return mi.to(torch.float32)
-
-
-def binned_mi(
-    X: Tensor,
-    bins: int = 8,
-    max_samples: int = 4096,
-    generator: torch.Generator | None = None,
-    block: int = 256,
-) -> Tensor:
-    """Plug-in histogram MI with equal-frequency bins (comparison estimator).
-
-    # I(X_i;X_j) = H(X_i) + H(X_j) - H(X_i, X_j),  H = -sum p log p  (nats)
-
-    Rows are subsampled (without replacement, from ``generator``, a CPU generator) to at most
-    ``max_samples``. Each channel is binned by rank: bin = floor(r * bins / n) where r is the
-    rank of the first occurrence of the value (ties share a bin, so a constant channel has H = 0).
-    Joint counts come from one-hot matmuls over channel blocks of size ``block`` so memory is
-    O(n * block * bins + (block * bins)^2) instead of O((d * bins)^2).
-
-    Args:
-        X: [n, d] activations.
-    Returns:
-        mi: [d, d] float32, symmetric, diagonal = H(X_i) (= log(bins) for untied data with bins | n).
-    """
-    if X.dim() != 2:
-        raise ValueError(f"X must be [n, d], got {tuple(X.shape)}")
-    if not X.is_floating_point():
-        raise ValueError(f"X must be a floating tensor, got {X.dtype}")
-    if X.shape[0] < 2:
-        raise ValueError(f"X needs at least 2 samples, got {X.shape[0]}")
-    if bins < 2:
-        raise ValueError(f"bins must be >= 2, got {bins}")
-    if max_samples < 2:
-        raise ValueError(f"max_samples must be >= 2, got {max_samples}")
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    _check_finite("X", X)
-    n_all, d = X.shape
-    device = X.device
-    if n_all > max_samples:
-        idx = torch.randperm(n_all, generator=generator)[:max_samples].to(device)
-        X = X[idx]
-    n = X.shape[0]
-    cols = X.T.contiguous()  # cols: [d, n]
-    srt = torch.sort(cols, dim=1).values  # srt: [d, n]
-    rank = torch.searchsorted(srt, cols, right=False)  # rank: [d, n] first-occurrence rank
-    B = (rank * bins) // n  # B: [d, n] int64 bin ids in [0, bins)
-    counts = torch.zeros(d, bins, dtype=torch.float32, device=device)
-    counts.scatter_add_(1, B, torch.ones_like(B, dtype=torch.float32))  # counts: [d, bins]
-    p = counts / n
-    H = -torch.xlogy(p, p).sum(1)  # H: [d]
-
-    out = torch.empty(d, d, dtype=torch.float32, device=device)  # out: [d, d]
-    starts = list(range(0, d, block))
-
-    def onehot(s: int) -> Tensor:
-        e = min(s + block, d)
-        oh = torch.nn.functional.one_hot(B[s:e].T, bins)  # oh: [n, cb, bins]
-        return oh.reshape(n, (e - s) * bins).to(torch.float32)  # [n, cb*bins]
-
-    for bi, si in enumerate(starts):
-        ei = min(si + block, d)
-        Oi = onehot(si)
-        for sj in starts[bi:]:
-            ej = min(sj + block, d)
-            Oj = Oi if sj == si else onehot(sj)
-            J = (Oi.T @ Oj) / n  # J: [cb_i*bins, cb_j*bins] joint probabilities
-            J = J.view(ei - si, bins, ej - sj, bins)
-            Hij = -torch.xlogy(J, J).sum(dim=(1, 3))  # Hij: [cb_i, cb_j]
-            mi = (H[si:ei, None] + H[None, sj:ej] - Hij).clamp_min(0.0)
-            out[si:ei, sj:ej] = mi
-            if sj != si:
-                out[sj:ej, si:ei] = mi.T
-    out = 0.5 * (out + out.T)
-    out[torch.arange(d, device=device), torch.arange(d, device=device)] = H
-    return out

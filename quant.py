@@ -8,7 +8,7 @@ pruning set to zero stay zero after quantization. A width of 16 means "not quant
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -89,12 +89,9 @@ def group_grid(W: torch.Tensor, labels: torch.Tensor, group_bits: Sequence[int],
     return QGrid(scale.gather(1, idx), zero.gather(1, idx), maxq.contiguous())
 
 
-def uniform_grid(W: torch.Tensor, bits: int, sym: bool = False, groupsize: Optional[int] = None) -> QGrid:
-    """One width for all columns: a grid per row, or per row and contiguous block of ``groupsize`` columns."""
-    cols = W.shape[1]
-    labels = (torch.arange(cols, device=W.device) // groupsize) if groupsize else torch.zeros(
-        cols, dtype=torch.long, device=W.device)
-    return group_grid(W, labels, [bits] * (int(labels.max()) + 1), sym)
+def uniform_grid(W: torch.Tensor, bits: int, sym: bool = False) -> QGrid:
+    """One width for all columns, one grid per row."""
+    return group_grid(W, torch.zeros(W.shape[1], dtype=torch.long, device=W.device), [bits], sym)
 
 
 def quantize_weight(W: torch.Tensor, grid: QGrid) -> torch.Tensor:

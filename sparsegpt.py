@@ -52,7 +52,6 @@ class InputStats:
 class SolveResult:
     weight: torch.Tensor   # [out, in] in the input's dtype
     mask: torch.Tensor     # [out, in] bool, True where pruned
-    loss: float            # sum over weights of (w - q)^2 / [H^-1]_jj^2 / 2 (the OBS error estimate)
     damp: float            # the damping that made H positive definite
 
 
@@ -125,7 +124,6 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, *, sparsity: float = 0.0, 
     del H
 
     mask = torch.zeros_like(W, dtype=torch.bool)
-    losses = torch.zeros(rows, dtype=compute, device=W.device)
     for block_start in range(0, cols, block_size):
         block_end = min(block_start + block_size, cols)
         count = block_end - block_start
@@ -160,11 +158,10 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, *, sparsity: float = 0.0, 
             col_err = (w - q).div_(d[j])
             W_block[:, j:].addr_(col_err, U_block[j, j:], alpha=-1)
             err_block[:, j] = col_err
-        losses += (err_block ** 2).sum(dim=1) / 2       # sum_j (w_j - q_j)^2 / U_jj^2 / 2
         W[:, block_start:block_end] = Q_block
         mask[:, block_start:block_end] = mask_block
         W[:, block_end:] -= err_block @ U[block_start:block_end, block_end:]
-    return SolveResult(W.to(W_in_dtype), mask, losses.sum().item(), damp)
+    return SolveResult(W.to(W_in_dtype), mask, damp)
 
 
 def prune_mask(scores: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0,

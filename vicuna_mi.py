@@ -51,6 +51,7 @@ class CompressConfig:
     nsamples: int = 128                 # calibration windows
     seqlen: int = 2048                  # tokens per calibration and evaluation window
     seed: int = 0                       # RNG seed for calibration windows, clustering and random groups
+    calib_split: str = "train"          # split of wikitext2/ptb to calibrate on: train | validation (c4: always train)
     sparsity: float = 0.5               # fraction of weights zeroed, in [0, 1)
     prunen: int = 0                     # N of N:M sparsity (0 = unstructured)
     prunem: int = 0                     # M of N:M sparsity
@@ -97,7 +98,7 @@ def validate(cfg: CompressConfig) -> None:
         raise UsageError(f"N:M sparsity needs 0 < N <= M, got --prunen {cfg.prunen} --prunem {cfg.prunem}")
     if cfg.prunen and cfg.sparsity:
         raise UsageError("give either --sparsity or --prunen/--prunem, not both")
-    if cfg.prunen and cfg.blocksize % cfg.prunem:
+    if cfg.prunen and cfg.method == "sparsegpt" and cfg.blocksize % cfg.prunem:
         raise UsageError(f"--blocksize {cfg.blocksize} must be a multiple of --prunem {cfg.prunem}")
     if cfg.method not in ("sparsegpt", "magnitude", "wanda"):
         raise UsageError(f"--method must be sparsegpt, magnitude or wanda, got {cfg.method}")
@@ -105,6 +106,22 @@ def validate(cfg: CompressConfig) -> None:
         raise UsageError(f"--grouping must be mi, random or contiguous, got {cfg.grouping}")
     if cfg.nsamples < 1 or cfg.seqlen < 2:
         raise UsageError("--nsamples must be >= 1 and --seqlen >= 2")
+    if cfg.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.blocksize < 1:
+        raise UsageError(f"--blocksize must be >= 1, got {cfg.blocksize}")
+    if not (math.isfinite(cfg.percdamp) and cfg.percdamp > 0):
+        raise UsageError(f"--percdamp must be a positive fraction of mean(diag H), got {cfg.percdamp}")
+    if cfg.eval_samples is not None and cfg.eval_samples < 1:
+        raise UsageError(f"--eval_samples must be >= 1 (omit it to use every window), got {cfg.eval_samples}")
+    if cfg.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: no CUDA device is available")
+    if not math.isfinite(cfg.target_avg_bits):
+        raise UsageError(f"--target_avg_bits must be a number, got {cfg.target_avg_bits}")
     if cfg.use_mi_grouping:
         if not cfg.bit_choices:
             raise UsageError("--bit_choices is empty")
@@ -115,6 +132,8 @@ def validate(cfg: CompressConfig) -> None:
         if not lo <= cfg.target_avg_bits <= hi:
             raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} lies outside the range of "
                              f"--bit_choices [{lo}, {hi}]")
+        if len(set(cfg.bit_choices)) != len(cfg.bit_choices):
+            raise UsageError(f"--bit_choices has a repeated width: {','.join(map(str, cfg.bit_choices))}")
         if cfg.n_groups < 1:
             raise UsageError(f"--n_groups must be >= 1, got {cfg.n_groups}")
     for name in cfg.eval:
@@ -122,15 +141,39 @@ def validate(cfg: CompressConfig) -> None:
             raise UsageError(f"--eval: unknown data set {name!r}; choose from {', '.join(datautils.DATASETS)}")
 
 
+def check_model(cfg: CompressConfig, model: nn.Module) -> None:
+    """Reject options that the loaded model's shapes can't satisfy, before any calibration."""
+    linears = [m for m in get_decoder_layers(model).modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UsageError(f"{type(model).__name__} has no linear sub-layers in its decoder layers")
+    narrowest = min(m.in_features for m in linears)
+    if cfg.use_mi_grouping and cfg.n_groups > narrowest:
+        raise UsageError(f"--n_groups {cfg.n_groups} exceeds the {narrowest} input channels of the narrowest sub-layer")
+    if cfg.prunem:
+        odd = sorted({m.in_features for m in linears if m.in_features % cfg.prunem})
+        if odd:
+            raise UsageError(f"--prunen/--prunem {cfg.prunen}:{cfg.prunem}: sub-layers with {odd} input "
+                             f"channels are not a multiple of M={cfg.prunem}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are UsageError, so they print as one line like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
 def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
     """Build the config from the command line; defaults live in CompressConfig only."""
     d = CompressConfig("", "")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="hub id, local directory, .gguf file, 'smollm2-135m' or 'synthetic:vicuna-13b'")
     p.add_argument("dataset", help="calibration data: c4, wikitext2, ptb or a mix such as c4+ptb")
     p.add_argument("--nsamples", type=int, default=d.nsamples)
     p.add_argument("--seqlen", type=int, default=d.seqlen)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--calib_split", choices=datautils.CALIB_SPLITS, default=d.calib_split,
+                   help="split of wikitext2/ptb for calibration (never test, the evaluated one; c4 always uses train)")
     p.add_argument("--sparsity", type=float, default=d.sparsity)
     p.add_argument("--prunen", type=int, default=d.prunen)
     p.add_argument("--prunem", type=int, default=d.prunem)
@@ -160,7 +203,7 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
         raise UsageError(f"--bit_choices must be a comma list of integers, got {a.bit_choices!r}") from None
     evals = () if a.eval.strip().lower() in ("", "none") else tuple(s.strip() for s in a.eval.split(","))
     return CompressConfig(
-        model=a.model, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+        model=a.model, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, calib_split=a.calib_split,
         sparsity=a.sparsity, prunen=a.prunen, prunem=a.prunem, method=a.method, wbits=a.wbits,
         sym=bool(a.sym), percdamp=a.percdamp, blocksize=a.blocksize,
         use_mi_grouping=bool(a.use_mi_grouping), grouping=a.grouping, n_groups=a.n_groups,
@@ -451,20 +494,25 @@ def run(cfg: CompressConfig) -> dict:
         lm = modelutils.load_model(cfg.model, device=str(device), trust_remote_code=cfg.trust_remote_code,
                                    revision=cfg.revision)
     model = lm.model
-    if cfg.use_mi_grouping:
-        narrowest = min(m.in_features for m in get_decoder_layers(model).modules() if isinstance(m, nn.Linear))
-        if cfg.n_groups > narrowest:
-            raise UsageError(f"--n_groups {cfg.n_groups} exceeds the {narrowest} input channels of the narrowest sub-layer")
+    check_model(cfg, model)
+    # Evaluation streams are read before any compression, so a missing file or a too short stream
+    # fails in seconds rather than after the heavy work.
+    eval_ids = {}
+    with timer("evaluation_data"):
+        for name in cfg.eval:
+            eval_ids[name] = lm.encode_ids(datautils.eval_tokens(name, lm.tokenizer, cfg.seqlen, cfg.data_dir))
+            if eval_ids[name].numel() < cfg.seqlen:
+                raise UsageError(f"--eval {name}: the stream has {eval_ids[name].numel()} tokens, "
+                                 f"fewer than one window of --seqlen {cfg.seqlen}")
     records: list[dict] = []
     if cfg.prune or cfg.quantize:
         with timer("calibration_data"):
             calib = lm.encode_ids(datautils.calibration_windows(
-                cfg.dataset, lm.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir))
+                cfg.dataset, lm.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir, split=cfg.calib_split))
         records = compress_model(cfg, model, calib, device, timer)
     ppl, windows = {}, {}
-    for name in cfg.eval:
+    for name, ids in eval_ids.items():
         with timer("evaluation"):
-            ids = lm.encode_ids(datautils.eval_tokens(name, lm.tokenizer, cfg.seqlen, cfg.data_dir))
             ppl[name], windows[name] = eval_ppl.perplexity(
                 model, ids, cfg.seqlen, device, limit=cfg.eval_samples, layerwise=cfg.eval_layerwise,
                 batch_size=cfg.batch_size, desc=f"eval {name}")

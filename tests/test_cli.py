@@ -106,3 +106,52 @@ def test_nan_activations_are_a_clear_error(capsys, monkeypatch, data_dir):
     monkeypatch.setattr(sparsegpt.InputStats, "add", poisoned)
     code, _, err = run_main(capsys, TINY + ["--data_dir", data_dir])
     assert code == 2 and "NaN" in error_lines(err)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--blocksize", "0"], "--blocksize must be >= 1"),
+    (["--eval_samples", "0"], "--eval_samples must be >= 1"),
+    (["--percdamp", "-1"], "--percdamp must be a positive"),
+    (["--percdamp", "nan"], "--percdamp must be a positive"),
+    (["--sparsity", "nan"], "--sparsity must lie in [0, 1)"),
+    (["--target_avg_bits", "nan"], "--target_avg_bits must be a number"),
+    (["--nsamples", "0"], "--nsamples must be >= 1"),
+    (["--seqlen", "1"], "--seqlen >= 2"),
+    (["--seed", "-3"], "--seed must be >= 0"),
+    (["--n_groups", "0"], "--n_groups must be >= 1"),
+    (["--bit_choices", "2,4,4"], "repeated width"),
+    (["--bit_choices", "2,x"], "comma list of integers"),
+    (["--device", "tpu"], "--device must be"),
+    (["--batch_size", "two"], "invalid int value"),
+    (["--no_such_flag", "1"], "unrecognized arguments"),
+    (["--prunen", "2", "--prunem", "3", "--sparsity", "0"], "--blocksize 128 must be a multiple of --prunem 3"),
+])
+def test_bad_numbers_fail_before_loading(capsys, monkeypatch, data_dir, extra, message):
+    import modelutils
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(modelutils, "load_model", no_loading)
+    code, _, err = run_main(capsys, TINY + ["--data_dir", data_dir] + extra)
+    assert code == 2
+    line = error_lines(err)
+    assert len(err.strip().splitlines()) == 1 and message in line, line
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "wanda", "--sparsity", "0", "--prunen", "1", "--prunem", "3"], "not a multiple of M=3"),
+    (["--method", "magnitude", "--sparsity", "0", "--prunen", "2", "--prunem", "3"], "not a multiple of M=3"),
+    (["--seqlen", "400000"], "fewer than one window of --seqlen 400000"),
+])
+def test_shape_errors_fail_before_calibration(capsys, monkeypatch, data_dir, extra, message):
+    import datautils
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration started before the shapes were checked")
+
+    monkeypatch.setattr(datautils, "calibration_windows", no_calibration)
+    code, _, err = run_main(capsys, TINY + ["--data_dir", data_dir] + extra)
+    assert code == 2
+    assert message in error_lines(err)

@@ -17,7 +17,6 @@ from datautils import (
     eval_tokens,
     load_rows,
     sample_windows,
-    window_count,
 )
 
 from conftest import DATA_DIR
@@ -159,15 +158,6 @@ def test_eval_tokens_pinned(tokenizer, data_dir, name, seqlen, length, first, la
     assert ids.shape == (1, length)
     assert ids[0, :5].tolist() == first
     assert ids[0, -5:].tolist() == last
-
-
-def test_window_count():
-    assert window_count(520257, 2048) == 254
-    assert window_count(32768, 128) == 256
-    assert window_count(127, 128) == 0
-
-
-# --- sampling -------------------------------------------------------------------------------
 
 
 def test_sample_windows_are_contiguous_ranges():

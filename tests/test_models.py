@@ -1,4 +1,4 @@
-"""Model loading: built-in SmolLM2 (and the same file given as a .gguf path), synthetic shapes, clear errors."""
+"""Model loading: the built-in SmolLM2 against its GGUF file, synthetic shapes, clear errors."""
 import pytest
 import torch
 
@@ -33,12 +33,31 @@ def test_synthetic_tiny_builds_with_random_weights_and_folds_tokens():
     assert torch.isfinite(out).all()
 
 
-def test_builtin_and_gguf_path_give_the_same_model(smollm2):
+def test_builtin_model_holds_the_gguf_files_own_weights(smollm2):
+    # The converted model must equal what the GGUF file itself stores, read and dequantized by the
+    # gguf package independently of transformers' converter (un-permuted tensors: v, o, MLP, norms).
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+
     assert type(smollm2.model).__name__ == "LlamaForCausalLM"
     assert smollm2.model.config.num_hidden_layers == 30 and smollm2.model.config.hidden_size == 576
-    again = modelutils.load_model(str(modelutils.smollm2_gguf_path()))
-    for (k, a), (_, b) in zip(smollm2.model.state_dict().items(), again.model.state_dict().items()):
-        assert torch.equal(a, b), k
+    reader = gguf.GGUFReader(str(modelutils.smollm2_gguf_path()))
+    tensors = {t.name: t for t in reader.tensors}
+    params = dict(smollm2.model.named_parameters())
+    pairs = {"blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
+             "blk.7.attn_output.weight": "model.layers.7.self_attn.o_proj.weight",
+             "blk.29.ffn_down.weight": "model.layers.29.mlp.down_proj.weight",
+             "blk.3.ffn_gate.weight": "model.layers.3.mlp.gate_proj.weight",
+             "blk.3.attn_norm.weight": "model.layers.3.input_layernorm.weight",
+             "token_embd.weight": "model.embed_tokens.weight"}
+    for gguf_name, hf_name in pairs.items():
+        t = tensors[gguf_name]
+        ref = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float().reshape(params[hf_name].shape)
+        assert torch.equal(params[hf_name].detach(), ref), hf_name
+    # and a different tensor of the file is not equal (the comparison can fail)
+    t = tensors["blk.1.attn_v.weight"]
+    other = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float().reshape(params["model.layers.0.self_attn.v_proj.weight"].shape)
+    assert not torch.equal(params["model.layers.0.self_attn.v_proj.weight"].detach(), other)
     assert (modelutils.convert_gguf(modelutils.smollm2_gguf_path()) / "model.safetensors").is_file()
 
 

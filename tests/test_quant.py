@@ -60,9 +60,9 @@ def test_arbitrary_column_groups_get_their_own_grid_and_width():
             torch.testing.assert_close(s[0], span / (2 ** b - 1))
 
 
-def test_groupsize_blocks_and_cat_rows():
+def test_contiguous_blocks_and_cat_rows():
     W = rand_w(4, 64)
-    grid = uniform_grid(W, 4, groupsize=16)
+    grid = group_grid(W, torch.arange(64) // 16, [4] * 4)
     assert torch.unique(grid.scale[0]).numel() == 4
     both = QGrid.cat_rows([grid, grid])
     assert both.scale.shape == (8, 64)
