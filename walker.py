@@ -1,16 +1,20 @@
-"""The one layer walker: capture what the first decoder layer receives, then replay layer by layer.
+"""The one layer walker: capture what every decoder layer receives, then replay layer by layer.
 
 Calibration, compression and evaluation all go through ``LayerWalker``; no code here knows a model
-family beyond ``get_decoder_layers``. Only the current layer (plus, briefly, the embedding or the
-head) sits on the compute device, so a 13B model runs in the memory of one layer and the
-activations.
+family beyond ``get_decoder_layers`` and the head's logit soft-capping. Only the current layer
+(plus, briefly, the embedding or the head) sits on the compute device, so a 13B model runs in the
+memory of one layer and the activations.
 
     walker = LayerWalker(model, device)
-    acts = walker.capture(input_ids)                 # [n, seqlen, hidden], kwargs kept verbatim
+    acts = walker.capture(input_ids)                 # [n, seqlen, hidden] + each layer's kwargs
     for i, layer in walker.layers():                 # layer i on the device
         stats = calibrate(layer, acts); compress(layer, stats)
         acts = walker.run(layer, acts)               # propagate the compressed outputs
-    logits = walker.head(acts[k:k+1])
+    logits = walker.head(acts.hidden[k:k+1])
+
+Layers are not all alike: Gemma-3 and Qwen2 give each layer the mask (sliding or full) and the
+RoPE (local or global) of its layer type, so each layer is replayed with the kwargs it received
+itself. A model whose layers cannot be replayed from per-layer kwargs is refused with a ValueError.
 """
 from __future__ import annotations
 
@@ -19,35 +23,47 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 class _StopForward(Exception):
     """Raised by a hook to end a forward pass once what it needed was seen."""
 
 
+# Config attributes whose truthy value means layers depend on each other beyond the hidden state.
+_UNREPLAYABLE_CONFIG = {"num_kv_shared_layers": "shares KV states across layers"}
+# Values a kwarg may hold to be replayed for every window (besides tuples and lists of them).
+_REPLAYABLE = (torch.Tensor, bool, int, float, str, type(None))
+
+
 def get_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM: ``model.model.layers`` (LLaMA, Vicuna, Mistral, Qwen2, SmolLM)."""
+    """The decoder layers of a causal LM: ``model.model.layers`` (LLaMA, Vicuna, Mistral, Qwen2, Gemma-3, SmolLM)."""
     try:
         return model.model.layers
     except AttributeError:
         raise ValueError(f"{type(model).__name__} has no model.model.layers; unsupported architecture") from None
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    """Move tensors (also inside tuples, lists and dicts) to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+def _replayable(obj: Any) -> bool:
+    """True for tensors, scalars, None and (nested) tuples or lists of them: no state to carry over."""
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+        return all(_replayable(o) for o in obj)
+    return isinstance(obj, _REPLAYABLE)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of replayable kwarg values (tensors compared by value and shape)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 @dataclass
 class Activations:
-    hidden: torch.Tensor          # [n, seqlen, hidden] in the model dtype, on the compute device
-    kwargs: dict[str, Any]        # what layer 0 received besides hidden_states (mask, position_embeddings, ...)
+    hidden: torch.Tensor                 # [n, seqlen, hidden] in the model dtype, on the compute device
+    layer_kwargs: list[dict[str, Any]]   # per decoder layer, what it receives besides hidden_states (batch 1)
 
 
 class LayerWalker:
@@ -61,34 +77,62 @@ class LayerWalker:
         self.offload = offload and next(model.parameters()).device != self.device
         self.decoder_layers = get_decoder_layers(model)
 
-    def _outer_modules(self) -> list[nn.Module]:
-        inner = self.model.model
-        return [m for name, m in inner.named_children() if name != "layers"]
+    def _refuse(self, reason: str) -> ValueError:
+        return ValueError(f"{type(self.model).__name__} cannot be walked layer by layer: {reason}")
+
+    def _index(self, layer: nn.Module) -> int:
+        for i, m in enumerate(self.decoder_layers):
+            if m is layer:
+                return i
+        raise ValueError(f"{type(layer).__name__} is not one of the model's decoder layers")
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor) -> Activations:
-        """Run the embedding part of the model and record what the first layer receives.
+        """Run the embedding part of the model and record what each decoder layer receives.
 
-        input_ids: [n, seqlen]. Keyword arguments are captured from the first window and reused for
-        all (they only depend on the length); the KV cache is switched off, since a cache object
-        replayed for every window would grow with each call and corrupt attention.
+        input_ids: [n, seqlen]. Layer 0's hidden input is recorded for every window. Each layer's
+        kwargs (its mask, RoPE, ...) are recorded once, from the first window run with every layer
+        passing its input through, and replayed for all windows; kwargs shared by several layers stay
+        shared objects. The KV cache is off (``use_cache=False``): a cache replayed for every window
+        would grow with each call and corrupt attention.
         """
-        first = self.decoder_layers[0]
-        captured: dict[str, Any] = {}
-        hidden: list[torch.Tensor] = []
+        config = self.model.config
+        for attr, reason in _UNREPLAYABLE_CONFIG.items():
+            if getattr(config, attr, None):
+                raise self._refuse(f"it {reason} ({attr}={getattr(config, attr)})")
+        on_device = [m for name, m in self.model.model.named_children() if name != "layers"]
+        on_device.append(self.model.get_output_embeddings())
+        for m in on_device:
+            m.to(self.device)
+        try:
+            hidden = self._first_layer_inputs(input_ids)
+            layer_kwargs, x, logits = self._trace(input_ids[0])
+            # Kwargs recorded from one window are replayed for all: they must not depend on the tokens.
+            other, _, _ = self._trace(input_ids[0].flip(-1))
+            for i, (kw, kw_other) in enumerate(zip(layer_kwargs, other)):
+                for key in sorted(kw.keys() | kw_other.keys()):
+                    if not _same(kw.get(key), kw_other.get(key)):
+                        raise self._refuse(f"decoder layer {i}'s {key!r} depends on the token ids")
+            # With pass-through layers the model's logits are head(layer 0's input); the tolerance
+            # (1% of the largest logit) allows for half-precision rounding, not for a missing scale.
+            expected = logits.float()
+            if (self._logits(x) - expected).abs().max() > 1e-2 * expected.abs().max():
+                raise self._refuse("its LM head applies more than the final norm, lm_head and logit soft-capping")
+        finally:
+            if self.offload:
+                for m in on_device:
+                    m.to("cpu")
+        return Activations(hidden, layer_kwargs)
+
+    def _first_layer_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Layer 0's hidden input for every window of input_ids [n, seqlen] -> [n, seqlen, hidden]."""
+        hidden: list[torch.Tensor] = []   # each [1, seqlen, hidden]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            hidden.append(x)
-            if not captured:
-                captured.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            hidden.append(args[0] if args else kwargs["hidden_states"])
             raise _StopForward
 
-        outer = self._outer_modules()
-        for m in outer:
-            m.to(self.device)
-        first.to(self.device)
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        handle = self.decoder_layers[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             for row in input_ids:
                 try:
@@ -97,14 +141,55 @@ class LayerWalker:
                     pass
         finally:
             handle.remove()
-            if self.offload:
-                first.to("cpu")
-                for m in outer:
-                    m.to("cpu")
-        # Never replay a cache: drop it whatever the model passed.
-        captured["past_key_values"] = None
-        captured["use_cache"] = False
-        return Activations(torch.cat(hidden, dim=0), captured)
+        return torch.cat(hidden, dim=0)
+
+    def _trace(self, row: torch.Tensor) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]:
+        """One forward of window row [seqlen] with every decoder layer passing its input through.
+
+        Returns each layer's kwargs, layer 0's hidden input [1, seqlen, hidden] and the model's
+        logits [1, seqlen, vocab]. Refuses layers that get extra positional arguments, kwargs that
+        cannot be replayed (a cache, a shared dict, ...) or hidden states changed between layers.
+        """
+        calls: list[tuple[int, tuple, dict[str, Any]]] = []
+
+        def record(i: int) -> Callable[[nn.Module, tuple, dict], None]:
+            return lambda module, args, kwargs: calls.append((i, args, kwargs))
+
+        def passthrough(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return hidden_states   # transformers 5.x decoder layers return the hidden-state tensor
+
+        patched: list[tuple[nn.Module, Optional[Callable], RemovableHandle]] = []   # (layer, own forward, hook)
+        try:
+            for i, layer in enumerate(self.decoder_layers):
+                patched.append((layer, layer.__dict__.get("forward"),
+                                layer.register_forward_pre_hook(record(i), with_kwargs=True)))
+                layer.forward = passthrough
+            logits = self.model(row.unsqueeze(0).to(self.device), use_cache=False).logits
+        finally:
+            for layer, forward, handle in patched:
+                handle.remove()
+                layer.__dict__.pop("forward", None)
+                if forward is not None:   # e.g. an accelerate hook's wrapper
+                    layer.forward = forward
+        if [i for i, _, _ in calls] != list(range(len(self.decoder_layers))):
+            raise self._refuse(f"its decoder layers are called in the order {[i for i, _, _ in calls]}, "
+                               f"not once each in turn")
+        _, args0, kwargs0 = calls[0]
+        x = args0[0] if args0 else kwargs0["hidden_states"]   # [1, seqlen, hidden]
+        layer_kwargs: list[dict[str, Any]] = []
+        for i, args, kwargs in calls:
+            if len(args) > 1:
+                raise self._refuse(f"decoder layer {i} receives {len(args) - 1} positional arguments "
+                                   f"besides the hidden states")
+            # Each pass-through returns its input, so every layer must receive that very tensor.
+            if (args[0] if args else kwargs["hidden_states"]) is not x:
+                raise self._refuse(f"the hidden states are changed between decoder layers {i - 1} and {i}")
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            for k, v in kw.items():
+                if not _replayable(v):
+                    raise self._refuse(f"decoder layer {i} receives {k}={type(v).__name__}, which cannot be replayed")
+            layer_kwargs.append(kw)
+        return layer_kwargs, x, logits
 
     def layers(self) -> Iterator[tuple[int, nn.Module]]:
         """Yield (index, layer) with the layer on the compute device; it goes back to the CPU afterwards."""
@@ -118,12 +203,13 @@ class LayerWalker:
 
     @torch.no_grad()
     def run(self, layer: nn.Module, acts: Activations) -> Activations:
-        """One layer's outputs for all windows, in mini-batches; kwargs broadcast over the batch."""
+        """One layer's outputs for all windows, in mini-batches; its kwargs broadcast over the batch."""
+        kwargs = acts.layer_kwargs[self._index(layer)]
         outs = torch.empty_like(acts.hidden)
         for start in range(0, acts.hidden.shape[0], self.batch_size):
-            out = layer(acts.hidden[start:start + self.batch_size], **acts.kwargs)
+            out = layer(acts.hidden[start:start + self.batch_size], **kwargs)
             outs[start:start + self.batch_size] = out[0] if isinstance(out, tuple) else out
-        return Activations(outs, acts.kwargs)
+        return Activations(outs, acts.layer_kwargs)
 
     @torch.no_grad()
     def feed(self, layer: nn.Module, acts: Activations, hook_module: nn.Module,
@@ -132,6 +218,8 @@ class LayerWalker:
 
         The forward pass stops at ``hook_module``, so the work after it in the layer is skipped.
         """
+        kwargs = acts.layer_kwargs[self._index(layer)]
+
         def hook(module: nn.Module, args: tuple) -> None:
             fn(args[0])
             raise _StopForward
@@ -140,38 +228,29 @@ class LayerWalker:
         try:
             for start in range(0, acts.hidden.shape[0], self.batch_size):
                 try:
-                    layer(acts.hidden[start:start + self.batch_size], **acts.kwargs)
+                    layer(acts.hidden[start:start + self.batch_size], **kwargs)
                 except _StopForward:
                     pass
         finally:
             handle.remove()
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [b, seqlen, hidden] -> logits [b, seqlen, vocab] (float32), modules already on the device."""
+        logits = self.model.get_output_embeddings()(self.model.model.norm(hidden))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap   # Gemma: logits = cap · tanh(logits / cap)
+        return logits.float()
+
     @torch.no_grad()
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: hidden [b, seqlen, hidden] -> logits [b, seqlen, vocab] (float32)."""
+        """Final norm, LM head, logit soft-capping: hidden [b, seqlen, hidden] -> logits [b, seqlen, vocab] f32."""
         norm, lm_head = self.model.model.norm, self.model.get_output_embeddings()
         norm.to(self.device)
         lm_head.to(self.device)
         try:
-            return lm_head(norm(hidden)).float()
+            return self._logits(hidden)
         finally:
             if self.offload:
                 norm.to("cpu")
                 lm_head.to("cpu")
-
-
-def walk(model: nn.Module, input_ids: torch.Tensor, device: str | torch.device,
-         per_layer: Optional[Callable[[int, nn.Module, Activations], None]] = None,
-         batch_size: int = 8) -> Activations:
-    """Capture, then for each layer call ``per_layer(i, layer, acts)`` (may compress it) and propagate.
-
-    The returned activations are the final hidden states (before the norm); with
-    propagate-compressed semantics, layer i+1 sees the outputs of the already compressed layer i.
-    """
-    walker = LayerWalker(model, device, batch_size=batch_size)
-    acts = walker.capture(input_ids)
-    for i, layer in walker.layers():
-        if per_layer is not None:
-            per_layer(i, layer, acts)
-        acts = walker.run(layer, acts)
-    return acts

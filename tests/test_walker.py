@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import datautils
 import eval_ppl
-from walker import LayerWalker, walk
+from walker import LayerWalker
 
 
 def tiny_llama(use_cache: bool = False) -> LlamaForCausalLM:
@@ -20,7 +20,9 @@ def tiny_llama(use_cache: bool = False) -> LlamaForCausalLM:
 
 def layerwise_logits(model, ids, batch_size=2):
     walker = LayerWalker(model, "cpu", batch_size=batch_size)
-    acts = walk(model, ids, "cpu", batch_size=batch_size)
+    acts = walker.capture(ids)
+    for _, layer in walker.layers():
+        acts = walker.run(layer, acts)
     return walker.head(acts.hidden)
 
 
@@ -37,10 +39,14 @@ def test_captured_kwargs_hold_positions_and_no_cache():
     ids = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(2))
     acts = LayerWalker(model, "cpu").capture(ids)
     assert acts.hidden.shape == (3, 16, 64)
-    assert "position_embeddings" in acts.kwargs
-    cos, sin = acts.kwargs["position_embeddings"]
-    assert cos.shape[-2] == 16
-    assert acts.kwargs["past_key_values"] is None and acts.kwargs["use_cache"] is False
+    assert len(acts.layer_kwargs) == 2
+    for kwargs in acts.layer_kwargs:
+        cos, sin = kwargs["position_embeddings"]
+        assert cos.shape[-2] == 16
+        assert kwargs["use_cache"] is False
+        assert all(kwargs[k] is None for k in ("cache", "past_key_values") if k in kwargs)
+    # LLaMA's layers all get the same mask and RoPE: one shared object, not a copy per layer.
+    assert acts.layer_kwargs[0]["position_embeddings"] is acts.layer_kwargs[1]["position_embeddings"]
 
 
 def test_cache_enabled_model_replays_identically():
@@ -56,12 +62,31 @@ def test_cache_enabled_model_replays_identically():
     torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
 
 
-def test_walker_leaves_model_weights_untouched():
+def changed(model, before) -> list[str]:
+    """Names of parameters and buffers (non-persistent ones too) that differ from the copy ``before``."""
+    now = dict(model.named_parameters()) | dict(model.named_buffers())
+    then = dict(before.named_parameters()) | dict(before.named_buffers())
+    assert now.keys() == then.keys()
+    return [k for k in now if not torch.equal(now[k], then[k])]
+
+
+def test_walker_leaves_model_untouched():
     model = tiny_llama()
-    before = copy.deepcopy(model.state_dict())
-    layerwise_logits(model, torch.randint(0, 128, (2, 8)))
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    before = copy.deepcopy(model)
+    walker = LayerWalker(model, "cpu")
+    acts = walker.capture(torch.randint(0, 128, (2, 8)))
+    for _, layer in walker.layers():
+        walker.feed(layer, acts, layer.mlp.down_proj, lambda x: None)
+        acts = walker.run(layer, acts)
+    walker.head(acts.hidden)
+    assert changed(model, before) == []
+    for layer in model.model.layers:   # the pass-through forwards and capture hooks are gone
+        assert "forward" not in layer.__dict__ and not layer._forward_pre_hooks
+    # The check can fail: a changed weight and a changed non-persistent buffer are both seen.
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] += 1
+        model.model.rotary_emb.inv_freq[0] += 1
+    assert changed(model, before) == ["model.layers.1.mlp.down_proj.weight", "model.rotary_emb.inv_freq"]
 
 
 @pytest.mark.parametrize("name", ["wikitext2", "ptb", "c4"])
