@@ -231,6 +231,7 @@ def test_mix_with_missing_ptb_train_names_file(tokenizer, data_dir):
     with pytest.raises(DataError) as e:
         calibration_windows("c4+ptb", tokenizer, 4, 128, 0, data_dir)
     assert str(DATA_DIR / "ptb" / "ptb.train.txt") in str(e.value)
+    assert "ptb has no train split" in str(e.value) and "pass --calib_split validation" in str(e.value)
 
 
 @needs_data
@@ -238,6 +239,66 @@ def test_wikitext2_train_missing_names_file(tokenizer, data_dir):
     with pytest.raises(DataError) as e:
         calibration_windows("wikitext2", tokenizer, 4, 128, 0, data_dir)
     assert str(DATA_DIR / "wikitext-2-raw" / "wiki.train.raw") in str(e.value)
+    assert str(e.value).endswith(": pass --calib_split validation") and "\n" not in str(e.value)
+
+
+# --- calibration split (--calib_split) ---------------------------------------------------------
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["wikitext2", "ptb"])
+def test_validation_calibration_offline(tokenizer, data_dir, name):
+    w = calibration_windows(name, tokenizer, 4, 64, 0, data_dir, split="validation")
+    assert w.shape == (4, 64)
+    stream = tokenizer(" ".join(load_rows(name, "validation", data_dir)), return_tensors="pt").input_ids[0]
+    assert all(_is_slice_of(window, stream) for window in w)
+    assert torch.equal(w, calibration_windows(name, tokenizer, 4, 64, 0, data_dir, split="validation"))
+
+
+@needs_data
+def test_c4_calibrates_on_train_whatever_the_split(tokenizer, data_dir):
+    # c4's validation split is what c4 perplexity reads, so c4 windows stay on train, also in a mix.
+    train = calibration_windows("c4", tokenizer, 3, 64, 0, data_dir)
+    assert torch.equal(calibration_windows("c4", tokenizer, 3, 64, 0, data_dir, split="validation"), train)
+    mix = calibration_windows("c4+wikitext2", tokenizer, 5, 64, 0, data_dir, split="validation")
+    assert torch.equal(mix[:3], train)
+
+
+def test_test_split_never_calibrates(tmp_path):
+    for names in ("wikitext2", "c4+ptb"):
+        with pytest.raises(DataError, match="test is the evaluated split"):
+            calibration_windows(names, None, 4, 128, 0, str(tmp_path), split="test")
+
+
+def test_cli_rejects_calib_split_test(capsys):
+    import vicuna_mi
+
+    assert vicuna_mi.main(["synthetic:tiny", "wikitext2", "--calib_split", "test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vicuna_mi: error: ") and "--calib_split" in err and "\n" not in err
+
+
+@needs_data
+def test_cli_missing_train_split_names_the_flag(capsys, data_dir):
+    import vicuna_mi
+
+    args = ["synthetic:tiny", "ptb", "--nsamples", "2", "--seqlen", "32", "--eval", "none", "--data_dir", data_dir]
+    assert vicuna_mi.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vicuna_mi: error: ptb has no train split") and err.endswith("pass --calib_split validation")
+
+
+@needs_data
+def test_cli_wikitext2_validation_calibration(capsys, tmp_path, data_dir):
+    import vicuna_mi
+
+    out = tmp_path / "r.json"
+    args = ["synthetic:tiny", "wikitext2", "--calib_split", "validation", "--nsamples", "2", "--seqlen", "32",
+            "--eval", "none", "--data_dir", data_dir, "--out", str(out)]
+    assert vicuna_mi.main(args) == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["config"]["calib_split"] == "validation" and report["config"]["dataset"] == "wikitext2"
+    assert report["time_s"]["calibration_data"] > 0 and len(report["layers"]) == 2 * 7
 
 
 def test_unknown_dataset_lists_valid_names(tmp_path):
