@@ -2,18 +2,24 @@
 
 * ``spectral_cluster``: normalised spectral clustering (Ng-Jordan-Weiss) of an MI affinity matrix.
 * ``random_groups`` / ``contiguous_groups``: baselines.
-* ``group_errors``: Hessian-diagonal-weighted quantisation error of each group at each width.
-* ``allocate_bits``: multiple-choice knapsack (DP) over groups + one boundary-group split so that
-  the average width hits the target.
+* ``column_errors``: Hessian-diagonal-weighted quantisation error of each channel at each width.
+* ``allocate_bits``: a width per group plus one group split between two widths, least summed
+  column error at the target average width (a knapsack over the other groups per split group).
 
 All functions are pure and device-agnostic (CPU or CUDA tensors in, tensors of the same device out).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
+import sklearn.cluster
+import sklearn.exceptions
+import sklearn.metrics
 import torch
 from torch import Tensor
 
@@ -25,12 +31,12 @@ __all__ = [
     "VALID_BITS",
     "spectral_cluster",
     "top_eigenvectors",
+    "subspace_eigenvectors",
     "kmeans",
     "silhouette_score",
     "random_groups",
     "contiguous_groups",
-    "group_errors",
-    "knapsack_min_error",
+    "column_errors",
     "allocate_bits",
 ]
 
@@ -45,11 +51,10 @@ class Grouping:
 
 @dataclass(frozen=True)
 class BitAllocation:
-    col_bits: Tensor  # [d] int64 width of each input channel (after any boundary split)
+    col_bits: Tensor  # [d] int64 width of each input channel (after any split)
     labels: Tensor  # [d] int64 labels after a split (split part gets label n_groups)
     group_bits: list[int]  # width per label (len = number of labels incl. a split one)
-    avg_bits: float  # mean of col_bits (= weight-weighted average: all columns have `out` rows)
-    est_error: float  # estimated total error (split group's error shared by importance)
+    est_error: float  # estimated total error: sum of the column errors at the chosen widths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,21 +88,65 @@ def _canonical(labels: Tensor, k: int) -> Tensor:
     return remap[labels]  # [d]
 
 
-def _sq_dists(X: Tensor, C: Tensor) -> Tensor:
-    """Squared Euclidean distances.
-
-    # D_ic = |x_i|^2 + |c_c|^2 - 2 x_i . c_c
-    """
-    d2 = (X * X).sum(1, keepdim=True) + (C * C).sum(1)[None, :] - 2.0 * (X @ C.T)
-    return d2.clamp_min_(0.0)  # [n, k]
-
-
 # ----------------------------------------------------------------------------------------------
 # spectral clustering
 # ----------------------------------------------------------------------------------------------
 
 
-QR_EVERY = 5  # subspace-iteration steps between re-orthonormalisations
+CHECK_EVERY = 8  # products by M between Rayleigh-Ritz residual checks (even: two products per QR)
+
+
+def subspace_eigenvectors(
+    M: Tensor,
+    k: int,
+    seed: int = 0,
+    n_iter: int = 100,
+    oversample: int = 10,
+    tol: float = 1e-4,
+) -> Tensor | None:
+    """Top-k eigenvectors of a symmetric M by subspace iteration; None if not converged in n_iter products.
+
+    # Q <- qr((M - sigma I)^2 Q);  Q^T M Q = U diag(theta) U^T;  v_i = Q u_i;  done: |M v_i - theta_i v_i| <= tol max|theta|
+
+    A block of b = k + oversample vectors from a seeded Gaussian start. Without a shift the wanted
+    vectors converge like (|lambda_{b+1}| / lambda_k)^steps, |.| ordering by magnitude, so
+    negative eigenvalues near -lambda_k stall it. Once the block holds a negative Ritz value, the
+    shift sigma = (theta_{k+1} + theta_min) / 2 centres the unwanted eigenvalues on 0; the rate is
+    then max(lambda_{k+1} - sigma, sigma - lambda_min) / (lambda_k - sigma) (e.g. 0.85 instead
+    of 0.94 for lambda_k = 0.32, lambda_{k+1} = 0.27, lambda_min = -0.3). Two products per QR: the
+    columns' scales drift apart by at most ~(lambda_1 / lambda_k)^2 (~100 for a normalised
+    affinity) between re-orthonormalisations, harmless in float32; the spectrum of a normalised
+    affinity lies in [-1, 1], so nothing overflows. Every CHECK_EVERY products: Rayleigh-Ritz on
+    the block and the residual of each of the top-k Ritz pairs, relative to the largest Ritz
+    value (an estimate of |M|). Small residuals only show the pairs are eigenpairs, not the top
+    ones: the block also needs a Ritz value closer to sigma than theta_k, i.e. room left after
+    the eigenvalues of M - sigma I of larger magnitude.
+
+    Args:
+        M: [d, d] symmetric float.
+    Returns:
+        V: [d, k] orthonormal columns, Ritz values descending, or None.
+    """
+    d = M.shape[0]
+    b = min(d, k + max(oversample, 0))
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, b, generator=g, dtype=torch.float32).to(device=M.device, dtype=M.dtype))
+    sigma = 0.0
+    for step in range(2, n_iter + 1, 2):
+        Z = M @ Q  # Z: [d, b]; Q is orthonormal here
+        if step % CHECK_EVERY == 0 or step + 2 > n_iter:
+            T = Q.T @ Z  # T: [b, b] Rayleigh quotient
+            theta, U = torch.linalg.eigh(0.5 * (T + T.T))  # ascending
+            V = Q @ U[:, -k:].flip(1)  # V: [d, k] top-k Ritz vectors
+            residual = (Z @ U[:, -k:].flip(1) - V * theta[-k:].flip(0)).norm(dim=0)  # [k]
+            room = float((theta - sigma).abs().min()) < float(theta[-k]) - sigma  # see the docstring
+            if bool((residual <= tol * theta.abs().max()).all()) and room:
+                return V.contiguous()
+            if b > k and float(theta[0]) < 0:
+                sigma = 0.5 * (float(theta[-k - 1]) + float(theta[0]))
+        Y = Z - sigma * Q  # Y: [d, b] = (M - sigma I) Q
+        Q, _ = torch.linalg.qr(M @ Y - sigma * Y)
+    return None
 
 
 def top_eigenvectors(
@@ -105,17 +154,16 @@ def top_eigenvectors(
     k: int,
     seed: int = 0,
     eigh_max_dim: int = 2048,
-    n_iter: int = 50,
+    n_iter: int = 100,
     oversample: int = 10,
 ) -> Tensor:
     """Eigenvectors of the k algebraically largest eigenvalues of a symmetric M.
 
     # M V = V diag(lambda_1..k),  lambda_1 >= ... >= lambda_k
 
-    d <= eigh_max_dim: dense ``torch.linalg.eigh``. Otherwise randomised subspace iteration on the
-    shifted operator M + I (spectrum of a normalised affinity lies in [-1, 1], so the shift makes
-    the wanted eigenvalues the largest in magnitude) with a block of k + oversample vectors, QR
-    re-orthonormalisation every step and a final Rayleigh-Ritz projection.
+    d <= eigh_max_dim: dense ``torch.linalg.eigh``. Otherwise ``subspace_eigenvectors`` (matmuls
+    only, fast on a GPU), falling back to the dense eigh when it has not converged after
+    ``n_iter`` products by M (a small eigengap, or negative eigenvalues as large as the wanted ones).
 
     Args:
         M: [d, d] symmetric float.
@@ -128,123 +176,68 @@ def top_eigenvectors(
     if not 1 <= k <= d:
         raise ValueError(f"k must be in [1, {d}], got {k}")
     _check_finite("M", M)
-    b = min(d, k + max(oversample, 0))
-    if d <= eigh_max_dim or b >= d:
-        _, vecs = torch.linalg.eigh(M)  # ascending eigenvalues
-        return vecs[:, -k:].flip(1).contiguous()
-    g = torch.Generator().manual_seed(seed)
-    Q = torch.randn(d, b, generator=g, dtype=torch.float32).to(device=M.device, dtype=M.dtype)
-    Q, _ = torch.linalg.qr(Q)  # Q: [d, b]
-    # The shifted spectrum lies in [0, 2], so a few steps without re-orthonormalisation can't
-    # overflow; a QR every QR_EVERY steps keeps the block well conditioned at a fifth of the cost.
-    for it in range(n_iter):
-        Q = M @ Q + Q
-        if (it + 1) % QR_EVERY == 0 or it == n_iter - 1:
-            Q, _ = torch.linalg.qr(Q)
-    T = Q.T @ (M @ Q)  # T: [b, b] Rayleigh quotient
-    T = 0.5 * (T + T.T)
-    _, U = torch.linalg.eigh(T)
-    return (Q @ U[:, -k:].flip(1)).contiguous()  # [d, k]
+    if d > eigh_max_dim and k + max(oversample, 0) < d:
+        V = subspace_eigenvectors(M, k, seed=seed, n_iter=n_iter, oversample=oversample)
+        if V is not None:
+            return V
+    _, vecs = torch.linalg.eigh(M)  # ascending eigenvalues
+    return vecs[:, -k:].flip(1).contiguous()
 
 
-def kmeans(
-    X: Tensor,
-    k: int,
-    seed: int = 0,
-    n_init: int = 4,
-    max_iter: int = 100,
-) -> Tensor:
-    """k-means (k-means++ init, Lloyd iterations, ``n_init`` restarts, best inertia kept).
+def _fill_empty(X: np.ndarray, labels: np.ndarray, centers: np.ndarray, k: int) -> np.ndarray:
+    """Put into every empty cluster the point farthest from its centre among clusters with >= 2 members.
+
+    # i* = argmax_{i : |cluster(i)| >= 2} |x_i - c_{label_i}|^2
+
+    X: [n, f], labels: [n] in [0, k), centers: [k, f]; n >= k, so a cluster with >= 2 members
+    exists while one is empty. Returns new labels [n].
+    """
+    labels = labels.astype(np.int64)  # a copy
+    dist = ((X - centers[labels]) ** 2).sum(1)  # dist: [n]
+    counts = np.bincount(labels, minlength=k)  # counts: [k]
+    for c in np.flatnonzero(counts == 0):
+        i = int(np.argmax(np.where(counts[labels] > 1, dist, -1.0)))
+        counts[labels[i]] -= 1
+        counts[c] += 1
+        labels[i] = c
+    return labels
+
+
+def kmeans(X: Tensor, k: int, seed: int = 0, n_init: int = 4) -> Tensor:
+    """k-means (sklearn ``KMeans``: k-means++ init, Lloyd, ``n_init`` restarts) with no empty cluster.
 
     # argmin_labels sum_i |x_i - c_{label_i}|^2
 
-    Empty clusters are repaired inside every Lloyd step by moving the point farthest from its
-    centre (taken from a cluster with >= 2 members) into the empty cluster, so all k clusters
-    are non-empty even when X has fewer than k distinct rows. Randomness comes from a CPU
-    ``torch.Generator(seed)`` (device-independent).
+    Runs on the CPU in float64. When X has fewer distinct rows than k, sklearn leaves clusters
+    empty; ``_fill_empty`` then moves one point into each. Labels are deterministic for a seed.
 
     Args:
         X: [n, f] points (n >= k).
     Returns:
-        labels: [n] int64 in [0, k), every cluster non-empty, ids in order of first appearance.
+        labels: [n] int64 in [0, k) on X's device, every cluster non-empty, ids in order of first appearance.
     """
     if X.dim() != 2:
         raise ValueError(f"X must be [n, f], got {tuple(X.shape)}")
     n = X.shape[0]
     _check_k(n, k)
     _check_finite("X", X)
-    X = X.to(torch.float32) if X.dtype not in (torch.float32, torch.float64) else X
-    device = X.device
-    g = torch.Generator().manual_seed(seed)
     if k == 1:
-        return torch.zeros(n, dtype=torch.int64, device=device)
-
-    best_labels: Tensor | None = None
-    best_inertia = math.inf
-    for _ in range(max(n_init, 1)):
-        # k-means++ seeding: sample proportional to squared distance to the nearest chosen centre
-        first = int(torch.randint(n, (1,), generator=g))
-        idx = [first]
-        d2 = _sq_dists(X, X[first : first + 1]).squeeze(1)  # d2: [n]
-        for _c in range(1, k):
-            u = float(torch.rand((), generator=g))
-            total = d2.sum()
-            if float(total) <= 0.0:
-                nxt = int(torch.randint(n, (1,), generator=g))
-            else:
-                cdf = torch.cumsum(d2, 0)
-                nxt = int(torch.searchsorted(cdf, (u * total).reshape(1), right=True).clamp_max(n - 1))
-            idx.append(nxt)
-            d2 = torch.minimum(d2, _sq_dists(X, X[nxt : nxt + 1]).squeeze(1))
-        C = X[torch.tensor(idx, device=device)].clone()  # C: [k, f]
-
-        labels = torch.full((n,), -1, dtype=torch.int64, device=device)
-        for _it in range(max_iter):
-            D = _sq_dists(X, C)  # D: [n, k]
-            dmin, new = D.min(1)
-            counts = torch.bincount(new, minlength=k)
-            if bool((counts == 0).any()):
-                new, dmin = _repair_empty(new, dmin, counts, k)
-            converged = torch.equal(new, labels)
-            labels = new
-            counts = torch.bincount(labels, minlength=k).to(X.dtype)
-            C = torch.zeros_like(C).index_add_(0, labels, X) / counts[:, None]
-            if converged:
-                break
-        inertia = float(((X - C[labels]) ** 2).sum())
-        if inertia < best_inertia - 1e-12 or best_labels is None:
-            best_inertia, best_labels = inertia, labels
-    assert best_labels is not None
-    return _canonical(best_labels, k)
-
-
-def _repair_empty(labels: Tensor, dmin: Tensor, counts: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Fill every empty cluster with the farthest point of a cluster that has >= 2 members.
-
-    # i* = argmax_{i : |cluster(i)| >= 2} |x_i - c_{label_i}|^2
-    """
-    labels = labels.clone()  # labels: [n]
-    dmin = dmin.clone()  # dmin: [n]
-    counts = counts.clone()  # counts: [k]
-    for c in torch.nonzero(counts == 0).flatten().tolist():
-        movable = counts[labels] > 1
-        score = torch.where(movable, dmin, torch.full_like(dmin, -1.0))
-        i = int(torch.argmax(score))
-        counts[labels[i]] -= 1
-        counts[c] += 1
-        labels[i] = c
-        dmin[i] = -2.0  # never move the same point twice
-    return labels, dmin
+        return torch.zeros(n, dtype=torch.int64, device=X.device)
+    Xn = X.detach().cpu().to(torch.float64).numpy()  # Xn: [n, f]
+    with warnings.catch_warnings():  # duplicate points: the empty clusters are filled below
+        warnings.filterwarnings("ignore", "Number of distinct clusters", sklearn.exceptions.ConvergenceWarning)
+        km = sklearn.cluster.KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(Xn)
+    labels = _fill_empty(Xn, km.labels_, km.cluster_centers_, k)
+    return _canonical(torch.from_numpy(labels), k).to(X.device)
 
 
 def silhouette_score(X: Tensor, labels: Tensor, max_samples: int = 2048, seed: int = 0) -> float:
-    """Mean silhouette (Euclidean) over a random subsample of at most ``max_samples`` points.
+    """Mean silhouette (sklearn, Euclidean) over a random subsample of at most ``max_samples`` points.
 
     # s_i = (b_i - a_i) / max(a_i, b_i);  a_i = mean dist to own cluster, b_i = min mean dist to another
 
-    Same definition as sklearn's ``silhouette_score`` (s_i = 0 for singleton clusters); the
-    subsample (CPU ``torch.Generator(seed)``) is used both as the points and as the reference set.
-    nan when the (sub)sample has fewer than 2 or as many clusters as points.
+    The subsample (``np.random.RandomState(seed)``, as sklearn's ``sample_size``) is both the points
+    and the reference set. nan when it holds fewer than 2 clusters or as many clusters as points.
 
     Args:
         X: [n, f], labels: [n] int64.
@@ -253,29 +246,11 @@ def silhouette_score(X: Tensor, labels: Tensor, max_samples: int = 2048, seed: i
         raise ValueError(f"X [n, f] and labels [n] mismatch: {tuple(X.shape)} vs {tuple(labels.shape)}")
     _check_finite("X", X)
     n = X.shape[0]
-    if n > max_samples:
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(n, generator=g)[:max_samples].to(X.device)
-        X, labels = X[idx], labels[idx]
-        n = max_samples
-    _, lab = torch.unique(labels, return_inverse=True)  # lab: [n] compact ids
-    k = int(lab.max()) + 1 if n > 0 else 0
-    if k < 2 or k >= n:
+    idx = np.random.RandomState(seed).permutation(n)[:max_samples] if n > max_samples else np.arange(n)
+    lab = labels.cpu().numpy()[idx]  # lab: [m]
+    if not 2 <= np.unique(lab).size < idx.size:
         return float("nan")
-    Xf = X.to(torch.float64)
-    D = _sq_dists(Xf, Xf).sqrt_()  # D: [n, n]
-    D.fill_diagonal_(0.0)
-    onehot = torch.nn.functional.one_hot(lab, k).to(torch.float64)  # onehot: [n, k]
-    cnt = onehot.sum(0)  # cnt: [k]
-    S = D @ onehot  # S: [n, k] summed distance of point i to cluster c
-    own_cnt = cnt[lab]
-    a = S.gather(1, lab[:, None]).squeeze(1) / (own_cnt - 1).clamp_min(1)
-    mean_other = S / cnt[None, :]
-    mean_other.scatter_(1, lab[:, None], math.inf)
-    b = mean_other.min(1).values
-    s = (b - a) / torch.maximum(a, b).clamp_min(1e-300)
-    s = torch.where(own_cnt > 1, s, torch.zeros_like(s))
-    return float(s.mean())
+    return float(sklearn.metrics.silhouette_score(X.detach().cpu().to(torch.float64).numpy()[idx], lab))
 
 
 def spectral_cluster(
@@ -284,9 +259,9 @@ def spectral_cluster(
     seed: int = 0,
     *,
     eigh_max_dim: int | None = None,
-    n_iter: int = 50,
+    n_iter: int = 100,
     oversample: int = 10,
-    n_init: int = 2,
+    n_init: int = 4,
     silhouette_samples: int = 2048,
 ) -> Grouping:
     """Normalised spectral clustering (Ng-Jordan-Weiss) of channels from an MI affinity.
@@ -296,10 +271,10 @@ def spectral_cluster(
     Steps: symmetrise, clamp >= 0 and zero the diagonal of A (self-affinity unused; binned MI puts
     entropies there); add eps = 1e-3 * mean(A) (1 if A == 0) to every entry so isolated /
     zero-degree channels are still connected; top-n_groups eigenvectors (``top_eigenvectors``:
-    dense eigh for d <= eigh_max_dim (default 512 on the CPU, 256 on a GPU), randomised subspace
-    iteration above); row-normalise;
-    k-means (``kmeans``). The silhouette is computed in that row-normalised spectral embedding
-    on a random subsample of at most ``silhouette_samples`` channels (deterministic from seed).
+    dense eigh for d <= eigh_max_dim (default 512 on the CPU, 256 on a GPU), subspace iteration
+    with a residual check above, eigh if it does not converge); row-normalise; k-means
+    (``kmeans``). The silhouette is computed in that row-normalised spectral embedding on a random
+    subsample of at most ``silhouette_samples`` channels (deterministic from seed).
 
     Args:
         affinity: [d, d] symmetric, non-negative (e.g. gaussian_mi output).
@@ -372,7 +347,7 @@ def contiguous_groups(d: int, n_groups: int, device: torch.device | str = "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
-# quantisation error per group and width
+# quantisation error per channel and width
 # ----------------------------------------------------------------------------------------------
 
 
@@ -387,30 +362,30 @@ def _check_bits(bit_choices: list[int]) -> list[int]:
     return bits
 
 
-def group_errors(
+def column_errors(
     W: Tensor,
     h_diag: Tensor,
     labels: Tensor,
     n_groups: int,
     bit_choices: list[int],
     keep_mask: Tensor | None = None,
+    sym: bool = False,
 ) -> Tensor:
-    """Hessian-diagonal-weighted quantisation error of each group at each width.
+    """Hessian-diagonal-weighted quantisation error of each input channel at each width.
 
-    # E[g, b] = sum_r sum_{j in g} h_j (W_rj - q_b(W_rj))^2,  q_b: asymmetric min-max grid per (row, group) incl. 0
+    # E[j, b] = h_j sum_r (W_rj - q_b(W_rj))^2,  q_b: grid of quant.group_grid(W, labels, [b] * n_groups, sym)
 
-    Grid per (row r, group g) with 2^b levels: xmin = min(min W, 0), xmax = max(max W, 0),
-    scale = (xmax - xmin) / (2^b - 1), zero = round(-xmin / scale),
-    q = scale * (clamp(round(w / scale) + zero, 0, 2^b - 1) - zero). Width 16 = unquantised (0).
-    With keep_mask, pruned weights are excluded from the sum only; the grid range is taken over
-    the whole (dense) W, like the static grids of quant.group_grid that are fixed before the
-    SparseGPT pass. Computed in float32, summed in float64.
+    The grid of each (row, group) spans the group's columns of that row (and 0): the static grids
+    SparseGPT gets from ``quant.group_grid`` when the whole group has width b. Width 16 =
+    unquantised (0). With keep_mask, pruned weights are left out of the sum only; the grid range
+    still covers the dense W. A group's error is the sum of its columns' errors. Computed in
+    float32, summed in float64.
 
     Args:
         W: [out, in]; h_diag: [in] (>= 0); labels: [in] int64 in [0, n_groups);
         keep_mask: [out, in] bool or None.
     Returns:
-        errors: [n_groups, len(bit_choices)] float64.
+        errors: [in, len(bit_choices)] float64.
     """
     if W.dim() != 2:
         raise ValueError(f"W must be [out, in], got {tuple(W.shape)}")
@@ -437,13 +412,12 @@ def group_errors(
     weight = h_diag.to(device=device, dtype=torch.float32)[None, :]  # weight: [1, in]
     if keep_mask is not None:
         weight = weight * keep_mask
-    errors = torch.zeros(n_groups, len(bits), dtype=torch.float64, device=device)
+    errors = torch.zeros(in_f, len(bits), dtype=torch.float64, device=device)
     for c, b in enumerate(bits):
         if b >= quant.NO_QUANT_BITS:
             continue
-        q = quant.quantize_weight(Wf, quant.group_grid(Wf, lab, [b] * n_groups))  # the grids SparseGPT will use
-        err_col = (weight * (Wf - q) ** 2).sum(0, dtype=torch.float64)  # err_col: [in]
-        errors[:, c].index_add_(0, lab, err_col)
+        q = quant.quantize_weight(Wf, quant.group_grid(Wf, lab, [b] * n_groups, sym))  # the grids SparseGPT will use
+        errors[:, c] = (weight * (Wf - q) ** 2).sum(0, dtype=torch.float64)
     return errors
 
 
@@ -452,210 +426,130 @@ def group_errors(
 # ----------------------------------------------------------------------------------------------
 
 
-def knapsack_min_error(costs: Tensor, errors: Tensor, budget: int) -> Tensor:
-    """Multiple-choice knapsack: one choice per group, minimum total error within an integer budget.
+def _min_error_by_cost(costs: Tensor, errors: Tensor, cap: int) -> tuple[Tensor, Tensor]:
+    """One width per group, minimum summed error at every exact total cost (multiple-choice knapsack).
 
-    # min sum_g errors[g, c_g]  s.t.  sum_g costs[g, c_g] <= budget
-
-    DP over the exact-cost axis (vectorised with torch), loop over groups only; costs are divided
-    by their gcd first. Ties prefer the cheaper solution.
+    # dp_h[x] = min_c dp_{h-1}[x - costs[h, c]] + errors[h, c],  dp_0 = [0, inf, inf, ...]
 
     Args:
-        costs: [G, C] non-negative integers; errors: [G, C] float.
+        costs: [H, C] int64 >= 0; errors: [H, C] float64; cap: largest total cost kept.
     Returns:
-        choice: [G] int64 column index per group (ValueError if nothing fits).
+        dp: [cap + 1] float64 (inf where no combination costs exactly x); choice: [H, cap + 1] int64
+        width index of group h in the best combination of groups 0..h at each cost.
     """
-    if costs.dim() != 2 or costs.shape != errors.shape:
-        raise ValueError(f"costs and errors must both be [G, C], got {tuple(costs.shape)} and {tuple(errors.shape)}")
-    _check_finite("errors", errors)
-    G, C = costs.shape
-    cost_list = [[int(x) for x in row] for row in costs.cpu().tolist()]
-    if any(x < 0 for row in cost_list for x in row):
-        raise ValueError("costs must be non-negative")
-    if budget < sum(min(row) for row in cost_list):
-        raise ValueError(f"budget {budget} is below the cheapest combination")
-    gcd = 0
-    for row in cost_list:
-        for x in row:
-            gcd = math.gcd(gcd, x)
-    gcd = max(gcd, 1)
-    cost_list = [[x // gcd for x in row] for row in cost_list]
-    cap = budget // gcd
-    cap = min(cap, sum(max(row) for row in cost_list))
-    device = errors.device
-    err = errors.to(torch.float64)
-    dp = torch.full((cap + 1,), math.inf, dtype=torch.float64, device=device)  # dp[b]: min err at cost exactly b
+    H, C = costs.shape
+    dp = torch.full((cap + 1,), math.inf, dtype=torch.float64)
     dp[0] = 0.0
-    choices = torch.empty(G, cap + 1, dtype=torch.int64, device=device)
-    inf_pad = torch.full((cap + 1,), math.inf, dtype=torch.float64, device=device)
-    for gi in range(G):
-        cand = torch.empty(C, cap + 1, dtype=torch.float64, device=device)  # cand: [C, cap+1]
+    choice = torch.zeros(H, cap + 1, dtype=torch.int64)
+    for h in range(H):
+        cand = torch.full((C, cap + 1), math.inf, dtype=torch.float64)  # cand: [C, cap + 1]
         for c in range(C):
-            w = cost_list[gi][c]
-            if w > cap:
-                cand[c] = inf_pad
-            else:
-                cand[c, :w] = math.inf
-                cand[c, w:] = dp[: cap + 1 - w] + err[gi, c]
-        dp, choices[gi] = cand.min(0)
-    b = int(torch.argmin(dp))  # first minimum = cheapest among equal errors
-    if not math.isfinite(float(dp[b])):
-        raise ValueError("no feasible combination within budget")
-    choice = torch.empty(G, dtype=torch.int64)
-    for gi in range(G - 1, -1, -1):
-        c = int(choices[gi, b])
-        choice[gi] = c
-        b -= cost_list[gi][c]
-    return choice.to(device)
+            w = int(costs[h, c])
+            if w <= cap:
+                cand[c, w:] = dp[: cap + 1 - w] + errors[h, c]
+        dp, choice[h] = cand.min(0)  # ties: the first (narrowest) width
+    return dp, choice
 
 
-def allocate_bits(
-    group_sizes: Tensor,
-    errors: Tensor,
-    bit_choices: list[int],
-    target_avg: float,
-    labels: Tensor,
-    importance: Tensor,
-) -> BitAllocation:
-    """Choose a width per group minimising estimated error at a target average width.
+def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], target_avg: float) -> BitAllocation:
+    """Widths per group, one group split between two widths, minimising the summed column errors at a target.
 
-    # min sum_g E[g, b_g]  s.t.  sum_g n_g b_g <= target * sum_g n_g
+    # min sum_j col_errors[j, b_j]  s.t.  sum_j b_j ~= target * d,  b_j = b_g in each group g but one split group
 
-    1. Multiple-choice knapsack DP (``knapsack_min_error``) on integer bit-columns,
-       budget = floor(target * d).
-    2. Fill: while a whole group can move one width step up inside the budget without increasing
-       the estimated error (or when no single split could otherwise reach the target), move it.
-    3. Split: if the average is still below the target by > 0.005 bits, move the m most important
-       channels (``importance``, e.g. h_diag * ||W[:, j]||^2) of ONE group one width step up,
-       under a new label n_groups. m is chosen so the average lands closest to the target without
-       exceeding it by more than 0.01; among (group, step) candidates landing within 0.01 the one
-       with the largest estimated error reduction per added bit wins, the moved channels' share of
-       the group error being taken proportional to their importance.
+    Exact over "integral widths + one split" on the column errors (up to the choice of m below):
+    for every split group g, a multiple-choice knapsack by exact cost (``_min_error_by_cost``)
+    gives the other groups' least error at each total cost x; for every pair of widths a < b, g
+    sits at a and its m channels with the largest own error reduction move to b under a new label
+    G. Totals are accepted in [target * d - 0.01 d, target * d + min(0.5, 0.01 d)] (rounding above,
+    at most 0.01 bits below):
+    m is the most channels that keep the total in it (the best m when moving a channel up never
+    raises its error), and the least error among accepted candidates wins. Only when no candidate
+    is accepted (a small layer) does the one closest to the target win, never above it by > 0.01 bits.
 
-    Guarantee: avg <= target + 0.01 always; |avg - target| <= 0.01 whenever one channel's width
-    step is <= 0.02 * d bits (e.g. d >= 400 with a 8->16 step) and min(bits) <= target <= max(bits).
+    The split's error is not linear in m: an outlier channel can hold most of its group's error,
+    and moving it alone removes that. The LP relaxation (groups mixing widths linearly, solved by
+    a greedy over the groups' lower convex hulls) misses this; its optimum with the fractional
+    group split is one of the candidates here (when it is accepted), so this is never worse, and
+    equal to it when all channels of a group share the group's error equally. The target acts as
+    an equality: a zero-error group takes budget only when nothing else can lower the error with it.
+
+    Cost: G knapsacks of G - 1 groups over ~target * d costs, O(G^2 * C * target * d) vector work.
+    Guarantee: avg <= target + 0.01; |avg - target| <= 0.01 whenever one channel's step between
+    consecutive widths is <= 0.02 * d bits (e.g. d >= 400 with an 8 -> 16 step).
 
     Args:
-        group_sizes: [G] int64 (> 0); errors: [G, len(bit_choices)]; labels: [d] int64 in [0, G)
-        with bincount == group_sizes; importance: [d] >= 0.
+        col_errors: [d, len(bit_choices)] float (``column_errors``); labels: [d] int64, groups
+        0..G-1 all non-empty; target_avg: in [min, max] of bit_choices.
     """
     bits_in = _check_bits(bit_choices)
-    if group_sizes.dim() != 1 or group_sizes.is_floating_point():
-        raise ValueError(f"group_sizes must be an integer tensor [G], got {group_sizes.dtype} {tuple(group_sizes.shape)}")
-    G = group_sizes.shape[0]
-    if G == 0:
-        raise ValueError("group_sizes must be non-empty")
-    if errors.shape != (G, len(bits_in)):
-        raise ValueError(f"errors must be [{G}, {len(bits_in)}], got {tuple(errors.shape)}")
-    _check_finite("errors", errors)
+    if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
+        raise ValueError(f"labels must be a non-empty integer tensor [d], got {labels.dtype} {tuple(labels.shape)}")
+    d = labels.shape[0]
+    if col_errors.shape != (d, len(bits_in)):
+        raise ValueError(f"col_errors must be [{d}, {len(bits_in)}], got {tuple(col_errors.shape)}")
+    _check_finite("col_errors", col_errors)
     if not math.isfinite(target_avg):
         raise ValueError(f"target_avg must be finite, got {target_avg}")
-    lo, hi = min(bits_in), max(bits_in)
-    if not lo <= target_avg <= hi:
-        raise ValueError(f"target_avg {target_avg} outside [min, max] of bit_choices = [{lo}, {hi}]")
-    if labels.dim() != 1 or labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor [d], got {labels.dtype} {tuple(labels.shape)}")
-    d = labels.shape[0]
-    if importance.shape != (d,):
-        raise ValueError(f"importance must be [{d}], got {tuple(importance.shape)}")
-    _check_finite("importance", importance)
-    sizes = [int(x) for x in group_sizes.cpu().tolist()]
-    if any(s <= 0 for s in sizes):
-        raise ValueError("every group size must be positive")
-    if sum(sizes) != d or int(labels.min()) < 0 or int(labels.max()) >= G:
-        raise ValueError(f"labels [{d}] inconsistent with group_sizes (sum {sum(sizes)}, {G} groups)")
-    if torch.bincount(labels.cpu(), minlength=G).tolist() != sizes:
-        raise ValueError("bincount(labels) does not match group_sizes")
-    if float(importance.min()) < 0:
-        raise ValueError("importance must be non-negative")
+    if not min(bits_in) <= target_avg <= max(bits_in):
+        raise ValueError(f"target_avg {target_avg} outside [min, max] of bit_choices = [{min(bits_in)}, {max(bits_in)}]")
+    lab = labels.detach().cpu().to(torch.int64)  # lab: [d]
+    if int(lab.min()) < 0:
+        raise ValueError("labels must be non-negative")
+    G = int(lab.max()) + 1
+    sizes = torch.bincount(lab, minlength=G)  # sizes: [G]
+    if not bool((sizes > 0).all()):
+        raise ValueError(f"every group 0..{G - 1} must be non-empty, sizes {sizes.tolist()}")
 
-    device = labels.device
     order = sorted(range(len(bits_in)), key=lambda c: bits_in[c])
-    bits = [bits_in[c] for c in order]  # ascending widths
-    err = errors.detach().to(torch.float64).cpu()[:, order]  # err: [G, C] ascending widths
-    E = err.tolist()
-    C = len(bits)
-    budget = int(math.floor(target_avg * d + 1e-9))
-    costs = torch.tensor([[s * b for b in bits] for s in sizes], dtype=torch.int64)
-    choice = knapsack_min_error(costs, err, budget).cpu().tolist()
-    used = sum(sizes[g] * bits[choice[g]] for g in range(G))
+    bits = torch.tensor([bits_in[c] for c in order], dtype=torch.int64)  # bits: [C] ascending
+    col_err = col_errors.detach().cpu().to(torch.float64)[:, order]  # col_err: [d, C]
+    E = torch.zeros(G, len(order), dtype=torch.float64).index_add_(0, lab, col_err)  # E: [G, C]
+    costs = sizes[:, None] * bits[None, :]  # costs: [G, C] bits of a whole group at each width
+    target = target_avg * d  # total bits asked for
+    lo, hi = target - 0.01 * d, target + min(0.5, 0.01 * d)  # accepted totals
+    zero = torch.zeros(1, dtype=torch.float64)
 
-    def split_plan(g: int, slack: int) -> tuple[int, float] | None:
-        """Channels m to move in group g one step up, and landing |avg - target|."""
-        c = choice[g]
-        if c + 1 >= C:
-            return None
-        step = bits[c + 1] - bits[c]
-        best = None
-        for m in {slack // step, -(-slack // step)}:
-            m = min(max(m, 1), sizes[g])
-            land = (used + m * step) / d
-            if land > target_avg + 0.01 + 1e-12:
-                continue
-            dev = abs(land - target_avg)
-            if best is None or dev < best[1]:
-                best = (m, dev)
-        return best
+    # best: (distance to the target unless accepted, error, g, a, b, x, m, others, knapsack choice)
+    best: tuple[float, float, int, int, int, int, int, list[int], Tensor] | None = None
+    for g in range(G):
+        n_g = int(sizes[g])
+        others = [h for h in range(G) if h != g]
+        cap = math.floor(target + 0.01 * d) - n_g * int(bits[0])  # most bits the other groups may take
+        if cap < 0:
+            continue
+        dp, choice = _min_error_by_cost(costs[others], E[others], cap)  # dp: [cap + 1]
+        x = torch.arange(cap + 1, dtype=torch.float64)  # x: [cap + 1] bits of the other groups
+        cols = torch.nonzero(lab == g).flatten()  # cols: [n_g]
+        for a, b in itertools.combinations(range(len(order)), 2):  # g at width a, m of its channels at b
+            step = int(bits[b] - bits[a])
+            saved = torch.cat([zero, torch.cumsum((col_err[cols, a] - col_err[cols, b]).sort(descending=True).values, 0)])
+            base = x + n_g * int(bits[a])  # base: [cap + 1] bits before the split
+            m_top = torch.floor((hi - base) / step)  # most channels keeping the total <= hi
+            for m in (m_top.clamp(0, n_g), (m_top + 1).clamp(0, n_g)):  # the second: closest above when m_top < lo
+                total = base + m * step  # total: [cap + 1] integers
+                miss = torch.where((total >= lo) & (total <= hi), 0.0, (total - target).abs())
+                miss = torch.where((total <= target + 0.01 * d) & (dp < math.inf), miss, math.inf)
+                err = dp + E[g, a] - saved[m.long()]  # err: [cap + 1] summed column errors of each candidate
+                p = int(torch.argmin(torch.where(miss == miss.min(), err, math.inf)))
+                if best is None or (float(miss[p]), float(err[p])) < best[:2]:
+                    best = (float(miss[p]), float(err[p]), g, a, b, p, int(m[p]), others, choice)
 
-    # 2. fill
-    while True:
-        slack = budget - used
-        if slack / d <= 0.005:
-            break
-        fits = [g for g in range(G) if choice[g] + 1 < C and sizes[g] * (bits[choice[g] + 1] - bits[choice[g]]) <= slack]
-        if not fits:
-            break
-
-        def gain(g: int) -> float:  # error change per added bit-column (negative = better)
-            c = choice[g]
-            return (E[g][c + 1] - E[g][c]) / (sizes[g] * (bits[c + 1] - bits[c]))
-
-        g_best = min(fits, key=gain)
-        reachable = any((p := split_plan(g, slack)) is not None and p[1] <= 0.01 for g in range(G))
-        if gain(g_best) > 0 and reachable:
-            break
-        used += sizes[g_best] * (bits[choice[g_best] + 1] - bits[choice[g_best]])
-        choice[g_best] += 1
-
-    group_bits = [bits[c] for c in choice]
-    est_error = sum(E[g][choice[g]] for g in range(G))
-    new_labels = labels.clone()
-    col_bits = torch.tensor(group_bits, dtype=torch.int64, device=device)[labels]
-
-    # 3. split one boundary group
-    slack = budget - used
-    if (target_avg * d - used) / d > 0.005 and slack > 0:
-        imp = importance.detach().to(torch.float64)
-        lab = labels.to(torch.int64)
-        best: tuple[bool, float, float, int, int, float, Tensor] | None = None  # (off, -score, dev, g, m, share, idx)
-        for g in range(G):
-            plan = split_plan(g, slack)
-            if plan is None:
-                continue
-            m, dev = plan
-            c = choice[g]
-            step = bits[c + 1] - bits[c]
-            cols = torch.nonzero(lab == g).flatten()
-            imp_g = imp[cols]
-            top = torch.argsort(imp_g, descending=True, stable=True)[:m]
-            tot = float(imp_g.sum())
-            share = float(imp_g[top].sum()) / tot if tot > 0 else m / sizes[g]
-            reduction = share * (E[g][c] - E[g][c + 1])
-            score = reduction / (m * step)
-            key = (dev > 0.01, -score, dev)
-            if best is None or key < best[:3]:
-                best = (dev > 0.01, -score, dev, g, m, share, cols[top])
-        if best is not None:
-            _, _, _, g, m, share, moved = best
-            c = choice[g]
-            est_error += share * (E[g][c + 1] - E[g][c])
+    width = torch.zeros(G, dtype=torch.int64)  # width: [G] index into bits (all 0 when there is one width)
+    new_labels = lab.clone()
+    split_bits: list[int] = []
+    if best is not None:
+        _, _, g, a, b, x_left, m, others, choice = best
+        for i in range(len(others) - 1, -1, -1):  # backtrack the knapsack
+            width[others[i]] = choice[i, x_left]
+            x_left -= int(costs[others[i], width[others[i]]])
+        cols = torch.nonzero(lab == g).flatten()
+        width[g] = b if m == cols.numel() else a
+        if 0 < m < cols.numel():
+            moved = cols[torch.argsort(col_err[cols, a] - col_err[cols, b], descending=True, stable=True)[:m]]
             new_labels[moved] = G
-            col_bits[moved] = bits[c + 1]
-            group_bits.append(bits[c + 1])
-            if m == sizes[g]:  # whole group moved: keep its label, drop the empty new one
-                new_labels[moved] = g
-                group_bits.pop()
-                group_bits[g] = bits[c + 1]
-
-    avg = float(col_bits.to(torch.float64).mean())
-    return BitAllocation(col_bits=col_bits, labels=new_labels, group_bits=group_bits, avg_bits=avg, est_error=float(est_error))
+            split_bits = [int(bits[b])]
+    group_bits = bits[width].tolist() + split_bits
+    col_bits = torch.tensor(group_bits, dtype=torch.int64)[new_labels]  # col_bits: [d]
+    est_error = float(col_err.gather(1, torch.searchsorted(bits, col_bits)[:, None]).sum())  # sum_j E[j, b_j]
+    device = labels.device
+    return BitAllocation(col_bits=col_bits.to(device), labels=new_labels.to(device), group_bits=group_bits, est_error=est_error)

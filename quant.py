@@ -3,7 +3,9 @@
     q(w) = scale * (clamp(round(w / scale) + zero, 0, maxq) - zero),   maxq = 2^bits - 1
 
 The grid always contains 0 exactly (xmin <= 0 <= xmax and an integer zero point), so weights that
-pruning set to zero stay zero after quantization. A width of 16 means "not quantized".
+pruning set to zero stay zero after quantization. A width of 16 means "not quantized". Scales are
+float16 values (rounded up, then the zero point is taken with the rounded scale), so a checkpoint
+that stores fp16 scales and integer codes reproduces every quantized weight exactly.
 """
 from __future__ import annotations
 
@@ -46,6 +48,17 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: tor
     return torch.where(maxq > 0, q, x)
 
 
+def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 value >= x, as float32 (x > 0; capped at the float16 maximum, 65504).
+
+    Rounding a scale up, never down, keeps the grid covering the range it was built from.
+    """
+    x = x.float().clamp(max=torch.finfo(torch.float16).max)
+    h = x.half()
+    up = (h.view(torch.int16) + 1).view(torch.float16)  # next float16 above a non-negative h
+    return torch.where(h.float() < x, up, h).float()
+
+
 def _minmax(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """scale and zero from per-(row, group) ranges; maxq broadcasts against them."""
@@ -58,7 +71,7 @@ def _minmax(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: boo
     xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
     xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
     safe_maxq = torch.clamp(maxq, min=1)
-    scale = (xmax - xmin) / safe_maxq
+    scale = fp16_ceil((xmax - xmin) / safe_maxq)  # fp16 scales: a checkpoint stores them losslessly
     if sym:
         zero = torch.floor((safe_maxq + 1) / 2).expand_as(scale)
     else:

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 import channel_grouping
+import checkpoint
 import datautils
 import eval_ppl
 import mi_estimator
@@ -70,10 +71,13 @@ class CompressConfig:
     eval_layerwise: bool = True         # evaluate layer by layer (bounded memory) or as a whole model
     data_dir: Optional[str] = None      # local copy of the data sets (None = Hugging Face hub)
     device: str = "auto"                # cuda, cpu or auto
+    dtype: str = "auto"                 # forward passes: auto | float16 | bfloat16 | float32 (auto: modelutils._default_dtype)
     batch_size: int = 8                 # windows per forward pass of one layer
     trust_remote_code: bool = False     # allow a model's own code from the hub
     revision: Optional[str] = None      # hub branch/commit (e.g. one that holds safetensors weights)
     out: Optional[str] = None           # JSON report path (default results/<run>.json)
+    save: Optional[str] = None          # packed checkpoint directory (None = not saved)
+    save_dense: Optional[str] = None    # fp16 Hugging Face checkpoint directory (None = not saved)
 
     @property
     def quantize(self) -> bool:
@@ -156,6 +160,24 @@ def check_model(cfg: CompressConfig, model: nn.Module) -> None:
                              f"channels are not a multiple of M={cfg.prunem}")
 
 
+def check_outputs(cfg: CompressConfig) -> None:
+    """Reject bad --save/--save_dense destinations before any work (each message is one line)."""
+    if cfg.save and not (cfg.prune or cfg.quantize):
+        raise UsageError("--save writes a compressed checkpoint but nothing is pruned or quantized; "
+                         "use --save_dense for a plain fp16 copy")
+    if cfg.save_dense and cfg.model.startswith("synthetic:"):
+        raise UsageError("--save_dense: a synthetic model borrows a tokenizer larger than its vocabulary, "
+                         "so its export would not be an ordinary checkpoint")
+    if cfg.save and cfg.save_dense:
+        a, b = Path(cfg.save).resolve(), Path(cfg.save_dense).resolve()
+        if a == b or a in b.parents or b in a.parents:
+            raise UsageError("--save and --save_dense must be separate directories, neither inside the other")
+    if cfg.save:
+        checkpoint.check_destination(cfg.save, "--save", model=cfg.model)
+    if cfg.save_dense:
+        checkpoint.check_destination(cfg.save_dense, "--save_dense", dense=True, model=cfg.model)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are UsageError, so they print as one line like every other bad input."""
 
@@ -167,7 +189,7 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
     """Build the config from the command line; defaults live in CompressConfig only."""
     d = CompressConfig("", "")
     p = _Parser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", help="hub id, local directory, .gguf file, 'smollm2-135m' or 'synthetic:vicuna-13b'")
+    p.add_argument("model", help="hub id, local directory (also a --save checkpoint), .gguf file, 'smollm2-135m' or 'synthetic:vicuna-13b'")
     p.add_argument("dataset", help="calibration data: c4, wikitext2, ptb or a mix such as c4+ptb")
     p.add_argument("--nsamples", type=int, default=d.nsamples)
     p.add_argument("--seqlen", type=int, default=d.seqlen)
@@ -192,10 +214,16 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
     p.add_argument("--eval_layerwise", type=int, choices=(0, 1), default=int(d.eval_layerwise))
     p.add_argument("--data_dir", default=d.data_dir)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", choices=("auto", *modelutils.DTYPES), default=d.dtype,
+                   help="dtype of the model's forward passes (statistics stay float32)")
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--revision", default=d.revision, help="hub branch or commit of MODEL")
     p.add_argument("--out", default=d.out)
+    p.add_argument("--save", default=d.save, metavar="DIR",
+                   help="write a packed checkpoint (loadable as MODEL or with checkpoint.load_compressed)")
+    p.add_argument("--save_dense", default=d.save_dense, metavar="DIR",
+                   help="write an ordinary fp16 Hugging Face checkpoint (e.g. for lm-eval)")
     a = p.parse_args(argv)
     try:
         bit_choices = tuple(int(b) for b in a.bit_choices.split(",") if b.strip())
@@ -209,8 +237,8 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
         use_mi_grouping=bool(a.use_mi_grouping), grouping=a.grouping, n_groups=a.n_groups,
         target_avg_bits=a.target_avg_bits, bit_choices=bit_choices, eval=evals,
         eval_samples=a.eval_samples, eval_layerwise=bool(a.eval_layerwise), data_dir=a.data_dir,
-        device=a.device, batch_size=a.batch_size, trust_remote_code=a.trust_remote_code,
-        revision=a.revision, out=a.out)
+        device=a.device, dtype=a.dtype, batch_size=a.batch_size, trust_remote_code=a.trust_remote_code,
+        revision=a.revision, out=a.out, save=a.save, save_dense=a.save_dense)
 
 
 class StageTimer:
@@ -247,36 +275,6 @@ def sublayer_groups(layer: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
     return groups
 
 
-def effective_bits(rows: int, col_bits: torch.Tensor, labels: Optional[torch.Tensor],
-                   n_zero: int, prunen: int, prunem: int) -> dict[str, float]:
-    """Storage of one sub-layer in bits per weight, counting what a real format would store.
-
-    values: each weight at its column's width, either dense (zeros stored as values) or compressed
-    (non-zeros only plus a 1-bit mask per weight, or log2 C(M, N) bits per M-block for N:M),
-    whichever is smaller; plus a fp16 scale and a zero point (at the group's width) per row and
-    group, and ceil(log2 groups) bits per column for the group index when groups are not contiguous.
-    """
-    cols = col_bits.numel()
-    weights = rows * cols
-    dense = rows * col_bits.double().sum().item()
-    zero_frac = n_zero / weights
-    if prunen:
-        mask_bits = weights / prunem * math.log2(math.comb(prunem, prunen))
-    else:
-        mask_bits = float(weights) if n_zero else 0.0
-    sparse = dense * (1 - zero_frac) + mask_bits
-    overhead = 0.0
-    if labels is not None:
-        for g in torch.unique(labels):
-            b = int(col_bits[labels == g][0])
-            if b < quant.NO_QUANT_BITS:
-                overhead += rows * (16 + b)
-        n_labels = int(torch.unique(labels).numel())
-        overhead += cols * math.ceil(math.log2(n_labels)) if n_labels > 1 else 0
-    return {"value_bits": dense / weights, "effective_bits": (min(dense, sparse) + overhead) / weights,
-            "storage": "sparse" if sparse < dense else "dense"}
-
-
 def plan_quantization(cfg: CompressConfig, W: torch.Tensor, H: torch.Tensor, labels: Optional[torch.Tensor],
                       ) -> tuple[Optional[quant.QGrid], torch.Tensor, Optional[torch.Tensor], dict]:
     """Grid, per-column widths and final labels for one sub-layer. W: [out, in], H: [in, in]."""
@@ -290,11 +288,9 @@ def plan_quantization(cfg: CompressConfig, W: torch.Tensor, H: torch.Tensor, lab
     keep = None
     if cfg.prune:  # the weights a Wanda-style score would keep: they decide the error of each width
         keep = ~sparsegpt.prune_mask(sparsegpt.wanda_scores(W, H), cfg.sparsity, cfg.prunen, cfg.prunem, per_row=True)
-    errors = channel_grouping.group_errors(W.float(), h_diag, labels, cfg.n_groups, list(cfg.bit_choices), keep)
-    importance = h_diag * (W.float() ** 2).sum(dim=0)
-    sizes = torch.bincount(labels, minlength=cfg.n_groups)
-    alloc = channel_grouping.allocate_bits(sizes.cpu(), errors.cpu(), list(cfg.bit_choices), cfg.target_avg_bits,
-                                           labels.cpu(), importance.cpu())
+    col_errors = channel_grouping.column_errors(W.float(), h_diag, labels, cfg.n_groups, list(cfg.bit_choices), keep,
+                                                cfg.sym)
+    alloc = channel_grouping.allocate_bits(col_errors.cpu(), labels.cpu(), list(cfg.bit_choices), cfg.target_avg_bits)
     new_labels = alloc.labels.to(W.device)
     grid = quant.group_grid(W, new_labels, alloc.group_bits, cfg.sym)
     info = {"group_bits": list(alloc.group_bits), "group_sizes": torch.bincount(alloc.labels).tolist(),
@@ -303,8 +299,12 @@ def plan_quantization(cfg: CompressConfig, W: torch.Tensor, H: torch.Tensor, lab
 
 
 def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stats: sparsegpt.InputStats,
-                   timer: StageTimer, layer_idx: int) -> list[dict]:
-    """Prune and quantize the sub-layers that share ``stats``' input; returns one record per sub-layer."""
+                   timer: StageTimer, layer_idx: int) -> tuple[list[dict], list[checkpoint.PackedLinear]]:
+    """Prune and quantize the sub-layers that share ``stats``' input.
+
+    Returns one record per sub-layer and its packed form (on the compute device), whose bytes give
+    the record's effective bits whether or not the run saves a checkpoint.
+    """
     H = stats.hessian()
     cols = H.shape[0]
     labels, silhouette = None, float("nan")
@@ -348,39 +348,63 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
             if grid is not None:
                 W_new = quant.quantize_weight(W_new, grid)
     elapsed = time.perf_counter() - start
-    records, row = [], 0
-    for (name, module), W, (_, col_bits, sub_labels, info) in zip(group, Ws, plans):
+    records, packed, row = [], [], 0
+    for (name, module), W, (sub_grid, col_bits, sub_labels, info) in zip(group, Ws, plans):
         rows = W.shape[0]
-        W_sub = W_new[row:row + rows]
-        module.weight.data.copy_(W_sub.to(module.weight.dtype))
-        n_zero = int((module.weight.data == 0).sum())
-        storage = effective_bits(rows, col_bits, sub_labels, n_zero, cfg.prunen, cfg.prunem)
+        sub_mask = mask[row:row + rows]
+        # What the checkpoint stores: 16-bit columns rounded through fp16 (on a fp32 CPU model too), no -0.0.
+        W_sub, W_model = checkpoint.storable(W_new[row:row + rows], col_bits, module.weight.dtype)
+        module.weight.data.copy_(W_model)
+        with timer("pack"):
+            sub_packed = checkpoint.pack_linear(name, W_sub, W_model, sub_mask, col_bits, sub_labels, sub_grid,
+                                                cfg.prunen, cfg.prunem)
+        packed.append(sub_packed)
+        n_zero = int((W_model == 0).sum())
+        kept_per_col = (~sub_mask).sum(dim=0).double().cpu()          # [in] weights the solver kept
+        n_kept = int(kept_per_col.sum())
+        packed_bits = 8 * sub_packed.nbytes
         records.append({
             "layer": layer_idx, "name": name, "shape": [rows, W.shape[1]],
             "time_s": elapsed * rows / W_all.shape[0],
-            "sparsity": n_zero / W_sub.numel(), "mask_sparsity": mask[row:row + rows].float().mean().item(),
+            "sparsity": n_zero / W_sub.numel(), "mask_sparsity": sub_mask.float().mean().item(),
             "bits": col_bits.double().mean().item(), "silhouette": silhouette,
+            "kept": n_kept,   # kept_bits: mean column width over the kept weights
+            "kept_bits": (kept_per_col @ col_bits.double()).item() / n_kept if n_kept else float("nan"),
             "bit_histogram": {int(b): int(c) for b, c in zip(*torch.unique(col_bits, return_counts=True))},
-            **storage, **info})
+            "storage": sub_packed.storage, "packed_bytes": sub_packed.nbytes,
+            "effective_bits": packed_bits / W_sub.numel(),   # bytes the checkpoint stores, per weight
+            "effective_bits_kept": packed_bits / n_kept if n_kept else float("inf"),
+            **info})
         row += rows
-    return records
+    return records, packed
 
 
 def compress_model(cfg: CompressConfig, model: nn.Module, calib: torch.Tensor, device: torch.device,
-                   timer: StageTimer) -> list[dict]:
-    """Walk the layers: statistics per input group, compress, then propagate the compressed outputs."""
+                   timer: StageTimer, writer: Optional[checkpoint.CheckpointWriter] = None) -> list[dict]:
+    """Walk the layers: statistics per input group, compress, then propagate the compressed outputs.
+
+    With a ``writer``, each layer's packed sub-layers are written as soon as the layer is done.
+    """
     walker = LayerWalker(model, device, batch_size=cfg.batch_size)
     with timer("capture"):
         acts: Activations = walker.capture(calib)
     records: list[dict] = []
     bar = tqdm(walker.layers(), total=len(walker.decoder_layers), desc="compress", unit="layer")
     for i, layer in bar:
+        layer_packed: list[checkpoint.PackedLinear] = []
         for group in sublayer_groups(layer):
             stats = sparsegpt.InputStats(group[0][1].in_features, device)
             with timer("statistics"):
                 walker.feed(layer, acts, group[0][1], stats.add)
-            records += compress_group(cfg, group, stats, timer, i)
-            del stats
+            group_records, group_packed = compress_group(cfg, group, stats, timer, i)
+            records += group_records
+            if writer is not None:
+                layer_packed += group_packed
+            del stats, group_packed
+        if writer is not None:
+            with timer("save"):
+                writer.add_layer(i, layer_packed)
+            del layer_packed
         with timer("propagate"):
             acts = walker.run(layer, acts)
         bar.set_postfix(bits=f"{_weighted(records, 'bits'):.3f}", sparsity=f"{_weighted(records, 'sparsity'):.3f}")
@@ -409,13 +433,17 @@ def summarize(cfg: CompressConfig, records: list[dict], ppl: dict, windows: dict
         report["sparsity"] = {"target": cfg.prunen / cfg.prunem if cfg.prunen else cfg.sparsity,
                               "actual": _weighted(records, "sparsity"), "mask": _weighted(records, "mask_sparsity")}
         report["avg_bits"] = {"target": cfg.target_avg_bits if cfg.use_mi_grouping else cfg.wbits,
-                              "actual": _weighted(records, "bits"),
-                              "effective": _weighted(records, "effective_bits"),
+                              "actual": _weighted(records, "bits"),   # mean column width over all positions
+                              "kept": (sum(r["kept_bits"] * r["kept"] for r in records if r["kept"])
+                                       / max(sum(r["kept"] for r in records), 1)),   # ... over the kept weights
+                              "effective": _weighted(records, "effective_bits"),     # packed bytes per position
+                              "effective_kept": 8 * sum(r["packed_bytes"] for r in records)
+                                                / max(sum(r["kept"] for r in records), 1),
                               "max_sublayer_deviation": max(abs(r["bits"] - (cfg.target_avg_bits if cfg.use_mi_grouping else cfg.wbits)) for r in records)}
         report["bit_histogram_channels"] = {str(b): {"channels": c, "fraction": c / n_cols} for b, c in sorted(hist.items())}
         report["silhouette"] = {"mean": sum(sil) / len(sil), "min": min(sil), "max": max(sil)} if sil else None
     report["time_s"] = {"total": times.get("total", 0.0), **{k: v for k, v in times.items() if k != "total"}}
-    compress_keys = ("capture", "statistics", "mi", "clustering", "allocation", "prune_quant", "propagate")
+    compress_keys = ("capture", "statistics", "mi", "clustering", "allocation", "prune_quant", "pack", "propagate")
     report["time_s"]["compression"] = sum(times.get(k, 0.0) for k in compress_keys)
     if report["time_s"]["compression"] and cfg.use_mi_grouping and cfg.grouping == "mi":
         report["time_s"]["mi_clustering_fraction"] = (times.get("mi", 0.0) + times.get("clustering", 0.0)) / report["time_s"]["compression"]
@@ -455,8 +483,14 @@ def print_summary(report: dict) -> None:
                     if cfg["use_mi_grouping"] else f"wbits={cfg['wbits']}")]
     if "avg_bits" in report:
         a, s = report["avg_bits"], report["sparsity"]
-        lines.append(f"avg bits   : {a['actual']:.4f} (target {a['target']}, worst sub-layer off by {a['max_sublayer_deviation']:.4f})")
-        lines.append(f"effective  : {a['effective']:.4f} bits/weight (values + scales/zeros + group index + sparse mask)")
+        lines.append(f"avg bits   : {a['actual']:.4f} per position, {a['kept']:.4f} per kept weight "
+                     f"(target {a['target']} per position, worst sub-layer off by {a['max_sublayer_deviation']:.4f})")
+        lines.append(f"effective  : {a['effective']:.4f} bits/weight, {a['effective_kept']:.4f} per kept weight "
+                     f"(packed bytes: codes + sparsity pattern + scales/zeros + group map)")
+        if "size" in report:
+            z = report["size"]
+            lines.append(f"size       : {z['tensor_bytes'] / 2 ** 20:.1f} MiB of tensors vs {z['fp16_bytes'] / 2 ** 20:.1f} MiB "
+                         f"in fp16 ({z['ratio_to_fp16']:.3f}x; other tensors in {z['other_tensor_dtype']})")
         lines.append(f"sparsity   : {s['actual']:.4f} zeros (mask {s['mask']:.4f}, target {s['target']})")
         hist = "  ".join(f"{b}b {v['fraction'] * 100:.1f}%" for b, v in report["bit_histogram_channels"].items())
         lines.append(f"channels   : {hist}")
@@ -484,6 +518,7 @@ def default_out(cfg: CompressConfig) -> Path:
 
 def run(cfg: CompressConfig) -> dict:
     validate(cfg)
+    check_outputs(cfg)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = False  # Hessian and OBS math in true float32
@@ -491,8 +526,8 @@ def run(cfg: CompressConfig) -> dict:
     timer = StageTimer(device)
     t0 = time.perf_counter()
     with timer("load"):
-        lm = modelutils.load_model(cfg.model, device=str(device), trust_remote_code=cfg.trust_remote_code,
-                                   revision=cfg.revision)
+        lm = modelutils.load_model(cfg.model, device=str(device), dtype=cfg.dtype,
+                                   trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     model = lm.model
     check_model(cfg, model)
     # Evaluation streams are read before any compression, so a missing file or a too short stream
@@ -509,7 +544,9 @@ def run(cfg: CompressConfig) -> dict:
         with timer("calibration_data"):
             calib = lm.encode_ids(datautils.calibration_windows(
                 cfg.dataset, lm.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.data_dir, split=cfg.calib_split))
-        records = compress_model(cfg, model, calib, device, timer)
+        # An unfinished checkpoint stays in a temporary directory that is removed on failure.
+        writer = checkpoint.CheckpointWriter(cfg.save, model) if cfg.save else None
+        records = compress_model(cfg, model, calib, device, timer, writer=writer)
     ppl, windows = {}, {}
     for name, ids in eval_ids.items():
         with timer("evaluation"):
@@ -521,6 +558,15 @@ def run(cfg: CompressConfig) -> dict:
     report = summarize(cfg, records, ppl, windows, times)
     report["device"] = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+    report["model"] = {"weights_format": lm.weights_format, "checkpoint_dtype": lm.checkpoint_dtype,
+                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}   # dtype of the forward passes
+    if records:
+        report["size"] = checkpoint.size_report(model, records)
+    if cfg.save:
+        report["saved"] = str(writer.finish(model, lm.tokenizer, report, lm.fold_vocab))
+    if cfg.save_dense:
+        report["saved_dense"] = str(checkpoint.save_dense(model, lm.tokenizer, cfg.save_dense, {
+            "config": report["config"], "ppl": report["ppl"], "avg_bits": report.get("avg_bits")}))
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))

@@ -18,10 +18,12 @@ itself. A model whose layers cannot be replayed from per-layer kwargs is refused
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -234,23 +236,58 @@ class LayerWalker:
         finally:
             handle.remove()
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [b, seqlen, hidden] -> logits [b, seqlen, vocab] (float32), modules already on the device."""
-        logits = self.model.get_output_embeddings()(self.model.model.norm(hidden))
+    def _logits(self, hidden: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """hidden [..., hidden] -> logits [..., vocab] (float32), modules already on the device.
+
+        final_norm=False: ``hidden`` already went through the final norm (a base model's output).
+        """
+        if final_norm:
+            hidden = self.model.model.norm(hidden)
+        logits = self.model.get_output_embeddings()(hidden)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap   # Gemma: logits = cap · tanh(logits / cap)
         return logits.float()
 
-    @torch.no_grad()
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm, LM head, logit soft-capping: hidden [b, seqlen, hidden] -> logits [b, seqlen, vocab] f32."""
+    @contextmanager
+    def _head_on_device(self) -> Iterator[None]:
         norm, lm_head = self.model.model.norm, self.model.get_output_embeddings()
         norm.to(self.device)
         lm_head.to(self.device)
         try:
-            return self._logits(hidden)
+            yield
         finally:
             if self.offload:
                 norm.to("cpu")
                 lm_head.to("cpu")
+
+    @torch.no_grad()
+    def head(self, hidden: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """Final norm, LM head, logit soft-capping: hidden [b, seqlen, hidden] -> logits [b, seqlen, vocab] f32."""
+        with self._head_on_device():
+            return self._logits(hidden, final_norm)
+
+    @torch.no_grad()
+    def nll_sum(self, hidden: torch.Tensor, ids: torch.Tensor, chunk_tokens: int,
+                final_norm: bool = True) -> torch.Tensor:
+        """Summed next-token NLL (float64 scalar, on the CPU) of hidden [b, seqlen, hidden] against ids [b, seqlen].
+
+        nll = sum_t -log softmax(head(h_t))[ids_{t+1}], the head (final norm, LM head, soft-capping) run
+        on at most ``chunk_tokens`` positions at a time: memory grows with chunk_tokens × vocab, not
+        b × seqlen × vocab. Per-token NLLs are summed in float64, so the chunking does not change the
+        sum beyond the LM head's own rounding. final_norm=False: ``hidden`` is a base model's output.
+        """
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        rows = max(1, chunk_tokens // max(1, ids.shape[1] - 1))   # whole windows per slice, else one window in pieces
+        with self._head_on_device():
+            for start in range(0, ids.shape[0], rows):
+                h = hidden[start:start + rows, :-1].reshape(-1, hidden.shape[-1])   # [n, hidden]: positions with a next token
+                target = ids[start:start + rows, 1:].reshape(-1).to(self.device)    # [n]
+                for p in range(0, h.shape[0], chunk_tokens):
+                    logits = self._logits(h[p:p + chunk_tokens].to(self.device), final_norm)   # [<= chunk, vocab]
+                    nll = F.cross_entropy(logits, target[p:p + chunk_tokens], reduction="none")
+                    total += nll.double().sum()
+                    del logits, nll
+        return total.cpu()

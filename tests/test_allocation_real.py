@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+import sparsegpt
 import vicuna_mi
-from channel_grouping import spectral_cluster
+from channel_grouping import column_errors, spectral_cluster
 from mi_estimator import covariance_from_sums, gaussian_mi
 from sparsegpt import InputStats
 from walker import LayerWalker
@@ -42,6 +43,25 @@ def test_every_sublayer_meets_the_target(layer_stats, target):
         for g in torch.unique(new_labels):
             assert torch.unique(col_bits[new_labels == g]).numel() == 1
         assert torch.equal(grid.maxq[0], (2 ** col_bits.float()) - 1)
+        assert info["group_sizes"] == torch.bincount(new_labels).tolist()
         total_bits += col_bits.double().sum().item() * W.shape[0]
         total_weights += W.numel()
     assert abs(total_bits / total_weights - target) <= 0.01
+
+
+@pytest.mark.parametrize("target", [3, 4])
+def test_allocation_beats_one_width_for_all(layer_stats, target):
+    """At a target that is itself a width, giving every channel that width is one candidate."""
+    cfg = vicuna_mi.CompressConfig("smollm2-135m", "c4", target_avg_bits=float(target), n_groups=8)
+    bits = list(cfg.bit_choices)
+    gains = []
+    for name, W, H, labels in layer_stats:
+        _, col_bits, _, info = vicuna_mi.plan_quantization(cfg, W, H, labels)
+        keep = ~sparsegpt.prune_mask(sparsegpt.wanda_scores(W, H), cfg.sparsity, 0, 0, per_row=True)
+        col_err = column_errors(W.float(), torch.diag(H).float(), labels, cfg.n_groups, bits, keep)
+        chosen = torch.tensor([bits.index(int(b)) for b in col_bits])
+        assert info["est_error"] == pytest.approx(float(col_err[torch.arange(W.shape[1]), chosen].sum()), rel=1e-9)
+        uniform = float(col_err[:, bits.index(target)].sum())
+        assert info["est_error"] <= uniform * (1 + 1e-9), name
+        gains.append(info["est_error"] / uniform)
+    assert sum(gains) / len(gains) < 0.9  # mixed widths are clearly better on average

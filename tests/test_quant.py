@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quant import QGrid, group_grid, quantize_weight, uniform_grid
+from quant import QGrid, fp16_ceil, group_grid, quantize_weight, uniform_grid
 
 
 def rand_w(rows=16, cols=40, seed=0):
@@ -55,9 +55,11 @@ def test_arbitrary_column_groups_get_their_own_grid_and_width():
             levels = Q[r, cols] / s + z
             torch.testing.assert_close(levels, levels.round(), atol=1e-4, rtol=0)
             assert torch.unique(Q[r, cols]).numel() <= 2 ** b
-            # the group's own range sets the grid: step = (max(w, 0) - min(w, 0)) / (2^b - 1)
+            # the group's own range sets the grid: step = (max(w, 0) - min(w, 0)) / (2^b - 1),
+            # rounded up to the next float16 value (at most one fp16 step, 2^-10 relative, above)
             span = W[r, cols].max().clamp(min=0) - W[r, cols].min().clamp(max=0)
-            torch.testing.assert_close(s[0], span / (2 ** b - 1))
+            step = span / (2 ** b - 1)
+            assert step <= s[0] <= step * (1 + 2 ** -10)
 
 
 def test_contiguous_blocks_and_cat_rows():
@@ -75,3 +77,24 @@ def test_bad_width_and_nan_raise():
     W[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         uniform_grid(W, 4)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_scales_are_float16_values_and_zero_points_fit(sym):
+    W = rand_w(32, 48, seed=2) * torch.logspace(-9, 4, 32).unsqueeze(1)   # tiny to huge rows
+    labels = torch.arange(48) % 4
+    bits = [2, 3, 8, 16]
+    grid = group_grid(W, labels, bits, sym)
+    quantized = grid.maxq > 0
+    s = grid.scale[quantized]
+    assert (s > 0).all() and torch.equal(s.half().float(), s)      # lossless as fp16
+    assert (grid.zero >= 0).all() and (grid.zero <= grid.maxq.clamp(min=1)).all()
+    assert torch.equal(grid.zero, grid.zero.round())
+
+
+def test_fp16_ceil_rounds_up_to_the_next_float16():
+    x = torch.tensor([1.0, 1.0 + 2 ** -12, 0.1, 1e-9, 7e4])
+    up = fp16_ceil(x)
+    assert torch.equal(up.half().float(), up)
+    assert up[0] == 1.0 and up[1] == 1.0 + 2 ** -10 and up[2] >= 0.1 and up[3] == 2 ** -24
+    assert up[4] == 65504.0   # capped at the float16 maximum
