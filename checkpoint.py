@@ -61,6 +61,7 @@ from walker import get_decoder_layers
 
 FORMAT = "vicuna_mi-packed"
 FORMAT_VERSION = 1
+PACKED = "packed"  # LoadedModel.weights_format of a reloaded checkpoint
 DENSE_FORMAT = "vicuna_mi-dense"
 MANIFEST = "manifest.json"
 DENSE_MARKER = "vicuna_mi_export.json"  # written into a dense export so a later --save_dense may replace it
@@ -785,4 +786,5 @@ def load_compressed(path: str | Path, dtype: Optional[torch.dtype] = None,
         tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{root}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
-    return modelutils.LoadedModel(model.eval(), tokenizer, str(root), fold_vocab=manifest.get("fold_vocab"))
+    return modelutils.LoadedModel(model.eval(), tokenizer, str(root), fold_vocab=manifest.get("fold_vocab"),
+                                  weights_format=PACKED, checkpoint_dtype=str(stored_dtype).removeprefix("torch."))

@@ -74,7 +74,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, device: s
         total += walker.nll_sum(acts.hidden, ids, chunk_tokens)
     else:
         model.to(device)
-        walker = LayerWalker(model, device, batch_size=batch_size)   # for its head only; nothing is offloaded
+        walker = LayerWalker(model, device, batch_size=batch_size, offload=False)   # for its head only
         for start in tqdm(range(0, ids.shape[0], batch_size), desc=desc, leave=False):
             batch = ids[start:start + batch_size].to(device)
             total += walker.nll_sum(_final_hidden(model, walker, batch), batch, chunk_tokens, final_norm=False)

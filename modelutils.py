@@ -59,7 +59,7 @@ class LoadedModel:
     # Synthetic models keep the real vocabulary size (32,000 or 128,256) but borrow SmolLM2's tokenizer
     # (49,152 ids): token ids are folded into the vocabulary (id % vocab) so random weights see valid ids.
     fold_vocab: Optional[int] = None
-    weights_format: Optional[str] = None    # SAFETENSORS, PYTORCH_BIN, GGUF or SYNTHETIC: what was read
+    weights_format: Optional[str] = None    # SAFETENSORS, PYTORCH_BIN, GGUF, SYNTHETIC or "packed": what was read
     checkpoint_dtype: Optional[str] = None  # the checkpoint's own dtype ("bfloat16", ...), None if unknown
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:

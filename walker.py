@@ -75,6 +75,8 @@ class LayerWalker:
                  offload: bool = True):
         self.model = model
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" == the current device, cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.batch_size = batch_size
         self.offload = offload and next(model.parameters()).device != self.device
         self.decoder_layers = get_decoder_layers(model)

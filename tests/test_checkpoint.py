@@ -299,3 +299,10 @@ def test_failed_run_leaves_no_checkpoint(data_dir, tmp_path, capsys, monkeypatch
                                      "--save", str(tmp_path / "ck"), "--out", str(tmp_path / "r.json")])
     assert code == 2 and "disk full" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+
+def test_reloaded_checkpoint_says_it_was_packed(tiny_dir, calib, tmp_path):
+    compress_and_save(tiny_dir, calib, tmp_path / "ck", sparsity=0.5, n_groups=2)
+    lm = modelutils.load_model(str(tmp_path / "ck"))
+    assert lm.weights_format == checkpoint.PACKED and lm.checkpoint_dtype == "float32"
