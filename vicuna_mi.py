@@ -19,7 +19,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -305,8 +305,7 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
     Returns one record per sub-layer and its packed form (on the compute device), whose bytes give
     the record's effective bits whether or not the run saves a checkpoint.
     """
-    H = stats.hessian()
-    cols = H.shape[0]
+    cols = stats.sum_xxT.shape[0]
     labels, silhouette = None, float("nan")
     if cfg.use_mi_grouping:
         if cfg.grouping == "mi":
@@ -321,7 +320,8 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
             grouping = channel_grouping.random_groups(cols, cfg.n_groups, seed=cfg.seed + layer_idx)
         else:
             grouping = channel_grouping.contiguous_groups(cols, cfg.n_groups)
-        labels, silhouette = grouping.labels.to(H.device), grouping.silhouette
+        labels, silhouette = grouping.labels.to(stats.sum_xxT.device), grouping.silhouette
+    H = stats.hessian(release=True)   # after the MI, which reads the sums: no second [in, in] matrix
 
     Ws = [m.weight.data.float() for _, m in group]
     plans = []
@@ -330,27 +330,33 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
             plans.append(plan_quantization(cfg, W, H, labels))
     start = time.perf_counter()
     with timer("prune_quant"):
+        shapes = [W.shape for W in Ws]
         W_all = torch.cat(Ws, dim=0)
-        grids = [p[0] for p in plans]
-        grid = quant.QGrid.cat_rows(grids) if grids[0] is not None else None
+        del Ws
+        grid = None
+        if plans[0][0] is not None:
+            # One grid for the fused call; the sub-layers' grids become views of its rows (memory).
+            grid = quant.QGrid.cat_rows([p[0] for p in plans])
+            ends = torch.tensor([rows for rows, _ in shapes]).cumsum(0).tolist()
+            plans = [(quant.QGrid(*(t[end - rows:end] for t in (grid.scale, grid.zero, grid.maxq))), *rest)
+                     for (rows, _), end, (_, *rest) in zip(shapes, ends, plans)]
         if cfg.method == "sparsegpt":
             result = sparsegpt.sparsegpt_solve(
                 W_all, H, sparsity=cfg.sparsity, prune_n=cfg.prunen, prune_m=cfg.prunem,
                 block_size=cfg.blocksize, percdamp=cfg.percdamp, grid=grid,
-                row_splits=[W.shape[0] for W in Ws], name=f"layer {layer_idx} {group[0][0]}")
+                row_splits=[rows for rows, _ in shapes], name=f"layer {layer_idx} {group[0][0]}")
             W_new, mask = result.weight, result.mask
         else:  # magnitude / wanda: mask from scores, then round-to-nearest on the grid
             scores = sparsegpt.magnitude_scores(W_all) if cfg.method == "magnitude" else sparsegpt.wanda_scores(W_all, H)
             per_row = cfg.method == "wanda"
             mask = torch.cat([sparsegpt.prune_mask(s, cfg.sparsity, cfg.prunen, cfg.prunem, per_row)
-                              for s in scores.split([W.shape[0] for W in Ws])])
+                              for s in scores.split([rows for rows, _ in shapes])])
             W_new = torch.where(mask, torch.zeros_like(W_all), W_all)
             if grid is not None:
                 W_new = quant.quantize_weight(W_new, grid)
     elapsed = time.perf_counter() - start
     records, packed, row = [], [], 0
-    for (name, module), W, (sub_grid, col_bits, sub_labels, info) in zip(group, Ws, plans):
-        rows = W.shape[0]
+    for (name, module), (rows, in_features), (sub_grid, col_bits, sub_labels, info) in zip(group, shapes, plans):
         sub_mask = mask[row:row + rows]
         # What the checkpoint stores: 16-bit columns rounded through fp16 (on a fp32 CPU model too), no -0.0.
         W_sub, W_model = checkpoint.storable(W_new[row:row + rows], col_bits, module.weight.dtype)
@@ -364,7 +370,7 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
         n_kept = int(kept_per_col.sum())
         packed_bits = 8 * sub_packed.nbytes
         records.append({
-            "layer": layer_idx, "name": name, "shape": [rows, W.shape[1]],
+            "layer": layer_idx, "name": name, "shape": [rows, in_features],
             "time_s": elapsed * rows / W_all.shape[0],
             "sparsity": n_zero / W_sub.numel(), "mask_sparsity": sub_mask.float().mean().item(),
             "bits": col_bits.double().mean().item(), "silhouette": silhouette,
@@ -379,11 +385,96 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
     return records, packed
 
 
+# Decoder layers whose forward is  h = x + self_attn(input_layernorm(x)),  y = h + mlp(post_attention_layernorm(h)),
+# with self_attn ending in o_proj: their statistics and propagate passes share work (_SharedPasses).
+_SHARED_PASS_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+
+class _StopAt(Exception):
+    """Ends a forward pass once a hooked module has received its input."""
+
+
+class _SharedPasses:
+    """The statistics and propagate passes of one LLaMA-style decoder layer, without recomputation.
+
+    Fed through the walker, every group's pass reruns the layer up to its sub-layers: the gate/up
+    pass reruns attention, the down pass attention and o_proj, the propagation everything. Here the
+    o_proj pass keeps attention's output a [n, seqlen, o_in]; once o_proj is compressed,
+    h = x + o_proj(a) overwrites x in place (nothing needs x again) and a is freed; the gate/up and
+    down passes and the propagation start from h, and the layer's output overwrites h. The same
+    operations run on the same values as in the layer's own forward, so no result changes.
+    """
+
+    def __init__(self, walker: LayerWalker, layer: nn.Module, acts: Activations):
+        self.walker, self.layer, self.acts = walker, layer, acts
+        self.attn_out: Optional[torch.Tensor] = None   # o_proj's input, from its pass until h is formed
+
+    @staticmethod
+    def applies(layer: nn.Module, groups: list[list[tuple[str, nn.Linear]]]) -> bool:
+        return (type(layer).__name__ in _SHARED_PASS_LAYERS
+                and [[name for name, _ in g] for g in groups] == [list(g) for g in FUSED_GROUPS])
+
+    def _batches(self) -> list[slice]:
+        n, b = self.acts.hidden.shape[0], self.walker.batch_size
+        return [slice(start, start + b) for start in range(0, n, b)]
+
+    @torch.no_grad()
+    def feed(self, group_name: str, fn: Callable[[torch.Tensor], None]) -> None:
+        """Call fn on the inputs of the group led by ``group_name``, batch by batch (walker.feed's order)."""
+        layer, hidden = self.layer, self.acts.hidden
+        if group_name == "self_attn.q_proj":
+            self.walker.feed(layer, self.acts, layer.self_attn.q_proj, fn)
+        elif group_name == "self_attn.o_proj":
+            o_proj = layer.self_attn.o_proj
+            self.attn_out = hidden.new_empty(*hidden.shape[:-1], o_proj.in_features)
+            batches = iter(self._batches())
+
+            def keep(a: torch.Tensor) -> None:
+                self.attn_out[next(batches)] = a
+                fn(a)
+
+            self.walker.feed(layer, self.acts, o_proj, keep)
+        elif group_name == "mlp.gate_proj":
+            for s in self._batches():
+                hidden[s].add_(layer.self_attn.o_proj(self.attn_out[s]))   # h = x + o_proj(a)
+            self.attn_out = None
+            for s in self._batches():
+                fn(layer.post_attention_layernorm(hidden[s]))
+        elif group_name == "mlp.down_proj":
+            def stop(module: nn.Module, args: tuple) -> None:
+                fn(args[0])
+                raise _StopAt
+
+            handle = layer.mlp.down_proj.register_forward_pre_hook(stop)
+            try:
+                for s in self._batches():
+                    try:
+                        layer.mlp(layer.post_attention_layernorm(hidden[s]))
+                    except _StopAt:
+                        pass
+            finally:
+                handle.remove()
+        else:
+            raise ValueError(f"no shared pass for {group_name}")
+
+    @torch.no_grad()
+    def propagate(self) -> Activations:
+        """The layer's outputs, y = h + mlp(post_attention_layernorm(h)), written over h."""
+        hidden = self.acts.hidden
+        for s in self._batches():
+            hidden[s].add_(self.layer.mlp(self.layer.post_attention_layernorm(hidden[s])))
+        return self.acts
+
+
 def compress_model(cfg: CompressConfig, model: nn.Module, calib: torch.Tensor, device: torch.device,
-                   timer: StageTimer, writer: Optional[checkpoint.CheckpointWriter] = None) -> list[dict]:
+                   timer: StageTimer, writer: Optional[checkpoint.CheckpointWriter] = None,
+                   shared_passes: bool = True, on_group: Optional[Callable[[int, str], None]] = None) -> list[dict]:
     """Walk the layers: statistics per input group, compress, then propagate the compressed outputs.
 
     With a ``writer``, each layer's packed sub-layers are written as soon as the layer is done.
+    ``shared_passes``: LLaMA-style layers reuse attention's output across their passes (_SharedPasses)
+    instead of rerunning the layer for each group. ``on_group(layer_idx, name)`` is called before each
+    group's statistics (profiling).
     """
     walker = LayerWalker(model, device, batch_size=cfg.batch_size)
     with timer("capture"):
@@ -392,10 +483,17 @@ def compress_model(cfg: CompressConfig, model: nn.Module, calib: torch.Tensor, d
     bar = tqdm(walker.layers(), total=len(walker.decoder_layers), desc="compress", unit="layer")
     for i, layer in bar:
         layer_packed: list[checkpoint.PackedLinear] = []
-        for group in sublayer_groups(layer):
+        groups = sublayer_groups(layer)
+        shared = _SharedPasses(walker, layer, acts) if shared_passes and _SharedPasses.applies(layer, groups) else None
+        for group in groups:
+            if on_group is not None:
+                on_group(i, group[0][0])
             stats = sparsegpt.InputStats(group[0][1].in_features, device)
             with timer("statistics"):
-                walker.feed(layer, acts, group[0][1], stats.add)
+                if shared is not None:
+                    shared.feed(group[0][0], stats.add)
+                else:
+                    walker.feed(layer, acts, group[0][1], stats.add)
             group_records, group_packed = compress_group(cfg, group, stats, timer, i)
             records += group_records
             if writer is not None:
@@ -405,8 +503,11 @@ def compress_model(cfg: CompressConfig, model: nn.Module, calib: torch.Tensor, d
             with timer("save"):
                 writer.add_layer(i, layer_packed)
             del layer_packed
+        if on_group is not None:
+            on_group(i, "propagate")
         with timer("propagate"):
-            acts = walker.run(layer, acts)
+            acts = shared.propagate() if shared is not None else walker.run(layer, acts)
+        del shared
         bar.set_postfix(bits=f"{_weighted(records, 'bits'):.3f}", sparsity=f"{_weighted(records, 'sparsity'):.3f}")
     return records
 

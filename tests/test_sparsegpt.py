@@ -38,6 +38,43 @@ def test_hessian_two_adds_equal_one_shot():
     torch.testing.assert_close(stats.sum_x, X.sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_released_hessian_equals_copy():
+    X = correlated_inputs(n=50, d=8)
+    stats = InputStats(8, "cpu")
+    stats.add(X)
+    H = stats.hessian()
+    assert torch.equal(stats.hessian(release=True), H)
+    assert stats.sum_xxT is None and stats.num_samples == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_chunked_sums_match_float64(chunk):
+    X = correlated_inputs(n=300, d=16).half()                     # fp16 inputs, as the model gives them
+    stats = InputStats(16, "cpu", chunk=chunk)
+    stats.add(X[:128].reshape(4, 32, 16))
+    stats.add(X[128:])
+    ref = X.double().T @ X.double()
+    assert stats.num_samples == 300
+    assert ((stats.sum_xxT.double() - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    torch.testing.assert_close(stats.sum_x.double(), X.double().sum(0), rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core sums need CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_sums_match_float64(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    X = (torch.randn(40_000, 256, device="cuda", generator=g) * torch.rand(256, device="cuda", generator=g) * 4).to(dtype)
+    stats = InputStats(256, "cuda", chunk=16384)
+    stats.add(X[:30_000].reshape(3, 10_000, 256))
+    stats.add(X[30_000:])
+    ref = X.double().T @ X.double()
+    assert ((stats.sum_xxT.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    bad = X[:10].clone()
+    bad[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        stats.add(bad)
+
+
 def test_nan_inputs_raise():
     stats = InputStats(4, "cpu")
     with pytest.raises(ValueError, match="NaN"):
