@@ -111,13 +111,35 @@ def storable(W: torch.Tensor, col_bits: torch.Tensor, dtype: torch.dtype) -> tup
 # bit streams
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Non-negative integers < 2^bits (any shape, read row-major) -> uint8 stream [ceil(n*bits/8)], LSB first."""
+    """Non-negative integers < 2^bits (any shape, read row-major) -> uint8 stream [ceil(n*bits/8)], LSB first.
+
+    # word_i = sum_{t<g} v_{g i + t} << (bits t);  byte_{(L/8) i + j} = (word_i >> 8j) & 255,  L = lcm(bits, 8) = g bits
+
+    g values fill exactly L/8 bytes, so while L <= 64 (every width up to 8, and 10, 12, 14, 16) each
+    run of g values becomes one int64 word and then L/8 bytes: a few elementwise passes. Other widths
+    (N:M patterns of 9, 11, 13 or 15 bits) expand to single bits first.
+    """
     values = values.reshape(-1)
+    n = values.numel()
     device = values.device
+    L = math.lcm(bits, 8)
+    out = [torch.zeros(0, dtype=torch.uint8, device=device)]
+    if L <= 64:
+        g = L // bits
+        value_shifts = torch.arange(g, device=device, dtype=torch.int64) * bits      # [g]
+        byte_shifts = torch.arange(L // 8, device=device, dtype=torch.int64) * 8     # [L/8]
+        step = _CHUNK - _CHUNK % g
+        for start in range(0, n, step):
+            v = values[start:start + step].to(torch.int64)
+            pad = (-v.numel()) % g
+            if pad:
+                v = torch.cat([v, v.new_zeros(pad)])
+            word = (v.reshape(-1, g) << value_shifts).sum(dim=1)                     # [n/g] L bits each
+            out.append(((word.unsqueeze(1) >> byte_shifts) & 255).to(torch.uint8).reshape(-1))
+        return torch.cat(out)[:_stream_bytes(n, bits)]
     shifts = torch.arange(bits, device=device, dtype=torch.int32)
     byte_weights = torch.tensor([1 << k for k in range(8)], device=device, dtype=torch.int32)
-    out = [torch.zeros(0, dtype=torch.uint8, device=device)]
-    for start in range(0, values.numel(), _CHUNK):
+    for start in range(0, n, _CHUNK):
         v = values[start:start + _CHUNK].to(torch.int32)
         stream = ((v.unsqueeze(1) >> shifts) & 1).reshape(-1)          # bit j of value i -> i*bits + j
         pad = (-stream.numel()) % 8
@@ -128,14 +150,33 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(stream: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: n values (int32) from a uint8 stream of exactly ceil(n*bits/8) bytes; bits <= 16."""
+    """Inverse of pack_bits: n values (int32) from a uint8 stream of exactly ceil(n*bits/8) bytes; bits <= 16.
+
+    # word_i = sum_{j<L/8} byte_{(L/8) i + j} << 8j;  v_{g i + t} = (word_i >> bits t) & (2^bits - 1)
+    """
     assert 1 <= bits <= 16 and stream.numel() == (n * bits + 7) // 8, (bits, n, stream.numel())
     device = stream.device
     if n == 0:
         return torch.zeros(0, dtype=torch.int32, device=device)
+    L = math.lcm(bits, 8)
+    out = []
+    if L <= 64:
+        g, width = L // bits, L // 8
+        value_shifts = torch.arange(g, device=device, dtype=torch.int64) * bits      # [g]
+        byte_shifts = torch.arange(width, device=device, dtype=torch.int64) * 8      # [L/8]
+        step = _CHUNK - _CHUNK % g                                   # values per step, whole words
+        for start in range(0, n, step):
+            count = min(step, n - start)
+            b = stream[start * bits // 8:(start + count) * bits // 8 + (1 if (start + count) * bits % 8 else 0)]
+            pad = (-b.numel()) % width
+            if pad:
+                b = torch.cat([b, b.new_zeros(pad)])
+            word = (b.reshape(-1, width).to(torch.int64) << byte_shifts).sum(dim=1)   # [words]
+            values = ((word.unsqueeze(1) >> value_shifts) & ((1 << bits) - 1)).reshape(-1)
+            out.append(values[:count].to(torch.int32))
+        return torch.cat(out)
     s = stream.to(torch.int32)
     last = s.numel() - 1
-    out = []
     for start in range(0, n, _CHUNK):
         offset = torch.arange(start, min(n, start + _CHUNK), device=device, dtype=torch.int64) * bits
         byte, shift = offset >> 3, (offset & 7).to(torch.int32)

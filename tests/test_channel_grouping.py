@@ -574,3 +574,19 @@ def test_allocation_edge_targets_and_validation() -> None:
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError):
         allocate_bits(bad, labels, bits, 3.0)
+
+
+def test_cholesky_qr_is_orthonormal_and_spans_the_block():
+    """The GPU's Cholesky QR (run here on the CPU): orthonormal, the same span as Householder QR,
+    and Householder QR when the block is rank deficient."""
+    from channel_grouping import _orthonormalize
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(2000, 28, generator=g) * torch.logspace(0, 2.5, 28)   # columns 300x apart in scale
+    Q = _orthonormalize(Y, cholesky=True)
+    eye = torch.eye(28, dtype=torch.float64)
+    assert (Q.double().T @ Q.double() - eye).abs().max() < 1e-6
+    P = torch.linalg.qr(Y.double())[0]
+    assert (P @ (P.T @ Q.double()) - Q.double()).abs().max() < 1e-5     # span(Q) = span(Y)
+    Y[:, 5] = Y[:, 4]                                                    # rank deficient: no Cholesky
+    R = _orthonormalize(Y, cholesky=True)
+    assert torch.equal(R, torch.linalg.qr(Y)[0])

@@ -137,6 +137,23 @@ def test_two_four_bytes_follow_the_format():
     assert checkpoint.pack_bits(torch.tensor([1, 2, 3]), 2).tolist() == [1 | 2 << 2 | 3 << 4]   # LSB first
 
 
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_pack_bits_matches_a_bit_by_bit_reference(bits):
+    """Every width (word path and bit path), lengths around a run of values and across the chunk size."""
+    g = torch.Generator().manual_seed(bits)
+    for n in (0, 1, 7, 8, 9, 61, 1000):
+        v = torch.randint(0, 2 ** bits, (n,), generator=g)
+        stream = [(int(v[i // bits]) >> (i % bits)) & 1 for i in range(n * bits)]   # bit j of value i at i*bits + j
+        stream += [0] * (-len(stream) % 8)
+        expected = [sum(stream[8 * k + t] << t for t in range(8)) for k in range(len(stream) // 8)]
+        assert checkpoint.pack_bits(v, bits).tolist() == expected
+    n = checkpoint._CHUNK + 13
+    v = torch.randint(0, 2 ** bits, (n,), generator=g)
+    packed = checkpoint.pack_bits(v, bits)
+    assert packed.numel() == (n * bits + 7) // 8
+    assert torch.equal(checkpoint.unpack_bits(packed, bits, n), v.to(torch.int32))
+
+
 def run_main(capsys, args):
     code = vicuna_mi.main(args)
     err = capsys.readouterr().err
