@@ -217,11 +217,95 @@ def test_kmeans_fills_empty_clusters_without_warnings_and_is_deterministic() -> 
     assert _same_partition(kmeans(Y, 3, seed=1), truth)
 
 
+def _blobs(sizes: list[int], f: int, seed: int, spread: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs of the given sizes around well separated random centres; points shuffled."""
+    g = _gen(seed)
+    centres = 4.0 * torch.randn(len(sizes), f, generator=g, dtype=torch.float64)
+    while torch.pdist(centres).min() < 2.0:  # keep the blobs apart (resample the whole set)
+        centres = 4.0 * torch.randn(len(sizes), f, generator=g, dtype=torch.float64)
+    truth = torch.cat([torch.full((m,), i, dtype=torch.int64) for i, m in enumerate(sizes)])
+    truth = truth[torch.randperm(truth.numel(), generator=g)]
+    return centres[truth] + spread * torch.randn(truth.numel(), f, generator=g, dtype=torch.float64), truth
+
+
+def _inertia(X: torch.Tensor, labels: torch.Tensor) -> float:
+    """sum_i |x_i - mean of its cluster|^2 in float64."""
+    X = X.double()
+    k = int(labels.max()) + 1
+    means = torch.zeros(k, X.shape[1], dtype=torch.float64).index_add_(0, labels, X)
+    means /= torch.bincount(labels, minlength=k).clamp_min(1).unsqueeze(1).double()
+    return float((X - means[labels]).square().sum())
+
+
+@pytest.mark.parametrize("k", range(2, 10))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_recovers_separated_blobs_like_sklearn(k: int, seed: int) -> None:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    sizes = [int(v) for v in torch.randint(5, 200, (k,), generator=_gen(100 * k + seed))]  # unequal sizes
+    X, truth = _blobs(sizes, f=k, seed=100 * k + seed)
+    labels = kmeans(X, k, seed=seed)
+    sk = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(X.numpy()).labels_
+    _assert_valid(labels, X.shape[0], k)
+    assert adjusted_rand_score(sk, labels.numpy()) == 1.0
+    assert adjusted_rand_score(truth.numpy(), labels.numpy()) == 1.0
+    assert torch.equal(labels, kmeans(X.float(), k, seed=seed))  # float32 input: same labels (float64 inside)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_inertia_on_structureless_data_is_close_to_sklearn(seed: int) -> None:
+    from sklearn.cluster import KMeans
+
+    X = torch.randn(2000, 8, generator=_gen(seed), dtype=torch.float64)
+    X /= X.norm(dim=1, keepdim=True)  # points on the sphere: no cluster structure
+    labels = kmeans(X, 8, seed=seed, n_init=4)
+    _assert_valid(labels, 2000, 8)
+    sk = KMeans(n_clusters=8, n_init=4, random_state=seed).fit(X.numpy())
+    assert _inertia(X, labels) <= 1.02 * float(sk.inertia_)
+
+
+def test_kmeans_is_deterministic_and_fills_clusters_of_duplicates() -> None:
+    X = torch.randn(500, 4, generator=_gen(11))
+    a = kmeans(X, 6, seed=5)
+    assert torch.equal(a, kmeans(X, 6, seed=5))
+    assert not torch.equal(a, kmeans(X, 6, seed=6)) or not torch.equal(a, kmeans(X, 6, seed=7))
+    # fewer distinct points than clusters: 2 distinct points, 8 clusters; all points equal
+    two = torch.tensor([[1.0, 2.0], [-3.0, 0.5]]).repeat_interleave(10, 0)
+    for seed in range(3):
+        _assert_valid(kmeans(two, 8, seed=seed), 20, 8)
+        _assert_valid(kmeans(torch.ones(9, 3), 9, seed=seed), 9, 9)
+    # n == k: every point its own cluster
+    assert sorted(kmeans(torch.randn(7, 2, generator=_gen(12)), 7).tolist()) == list(range(7))
+
+
+def test_lloyd_relocates_an_empty_cluster_and_freezing_makes_checks_irrelevant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import channel_grouping as cg
+
+    X, _ = _blobs([30, 40], f=2, seed=13, spread=0.3)
+    X = X - X.mean(0)
+    far = torch.stack([X[0], X[1], torch.tensor([1e3, 1e3], dtype=torch.float64)])  # no point nearest to c_2
+    C0 = torch.stack([far, X[:3]])  # C0: [2 restarts, 3, 2]
+    labels, _ = cg._lloyd(X, C0, max_iter=30, tol=-1.0)  # never converged: relocation at the checks
+    assert int((torch.bincount(labels[0], minlength=3) > 0).sum()) == 3
+    # without empty clusters the result is the same whatever the check interval
+    Y = torch.randn(300, 3, generator=_gen(14), dtype=torch.float64)
+    C1 = cg._kmeans_plusplus(Y, 5, 3, _gen(0))
+    tol = 1e-4 * float(Y.var(0, unbiased=False).mean())
+    ref = cg._lloyd(Y, C1, 300, tol)
+    for every in (1, 3, 7):
+        monkeypatch.setattr(cg, "KMEANS_CHECK_EVERY", every)
+        out = cg._lloyd(Y, C1, 300, tol)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 def test_fill_empty_moves_the_farthest_point_of_a_shared_cluster() -> None:
-    X = np.array([[0.0], [0.1], [3.0], [10.0], [10.0]])
-    centers = np.array([[1.0], [10.0], [0.0], [0.0]])
-    labels = _fill_empty(X, np.array([0, 0, 0, 1, 1]), centers, 4)  # clusters 2 and 3 empty
-    assert np.bincount(labels, minlength=4).tolist() == [1, 2, 1, 1]
+    X = torch.tensor([[0.0], [0.1], [3.0], [10.0], [10.0]], dtype=torch.float64)
+    centers = torch.tensor([[1.0], [10.0], [0.0], [0.0]], dtype=torch.float64)
+    labels = _fill_empty(X, torch.tensor([0, 0, 0, 1, 1]), centers, 4)  # clusters 2 and 3 empty
+    assert torch.bincount(labels, minlength=4).tolist() == [1, 2, 1, 1]
     assert labels[2] == 2  # x = 3 is the farthest from its centre (distance 2)
     assert labels[0] == 3  # then x = 0 (distance 1); cluster 1's points sit on their centre
     assert labels.tolist() == [3, 0, 2, 1, 1]
@@ -240,6 +324,27 @@ def test_silhouette_matches_sklearn_and_is_nan_where_undefined() -> None:
     assert math.isnan(silhouette_score(X, torch.zeros(60, dtype=torch.int64)))  # one cluster
     assert math.isnan(silhouette_score(X[:4], torch.arange(4)))  # as many clusters as points
     assert math.isnan(silhouette_score(X, labels, max_samples=1))  # a one-point sample
+    assert math.isnan(silhouette_score(X[:3], torch.tensor([0, 1, 2])))  # as many clusters as points
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_silhouette_matches_sklearn_on_random_labels_and_subsamples(seed: int) -> None:
+    from sklearn.metrics import silhouette_score as sk_silhouette
+
+    g = _gen(20 + seed)
+    n, k = 300, 2 + seed * 2
+    X = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, k, (n,), generator=g)
+    labels[:3] = k  # a small cluster, and ids that need not be contiguous in a subsample
+    labels[3] = k + 1  # a singleton (s = 0)
+    ref = float(sk_silhouette(X.numpy(), labels.numpy()))
+    assert silhouette_score(X, labels, max_samples=n) == pytest.approx(ref, abs=1e-9)
+    ref = float(sk_silhouette(X.numpy(), labels.numpy(), sample_size=100, random_state=seed))
+    assert silhouette_score(X, labels, max_samples=100, seed=seed) == pytest.approx(ref, abs=1e-9)
+    # duplicate points: a = b = 0 gives s = 0, as sklearn
+    D = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    lab = torch.tensor([0, 0, 1, 1, 1])
+    assert silhouette_score(D, lab) == pytest.approx(float(sk_silhouette(D.numpy(), lab.numpy())), abs=1e-12)
 
 
 # ------------------------------------------------------------------ baselines
