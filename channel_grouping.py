@@ -552,6 +552,9 @@ def _check_bits(bit_choices: list[int]) -> list[int]:
     return bits
 
 
+COLUMN_ERRORS_BLOCK = 1 << 18  # elements per row block of column_errors on the CPU (1 MiB of float32)
+
+
 def column_errors(
     W: Tensor,
     h_diag: Tensor,
@@ -599,15 +602,40 @@ def column_errors(
     device = W.device
     Wf = W.to(torch.float32)  # Wf: [out, in]
     lab = labels.to(device=device, dtype=torch.int64)
-    weight = h_diag.to(device=device, dtype=torch.float32)[None, :]  # weight: [1, in]
-    if keep_mask is not None:
-        weight = weight * keep_mask
+    h_row = h_diag.to(device=device, dtype=torch.float32)[None, :]  # h_row: [1, in]
     errors = torch.zeros(in_f, len(bits), dtype=torch.float64, device=device)
-    for c, b in enumerate(bits):
-        if b >= quant.NO_QUANT_BITS:
-            continue
-        q = quant.quantize_weight(Wf, quant.group_grid(Wf, lab, [b] * n_groups, sym))  # the grids SparseGPT will use
-        errors[:, c] = (weight * (Wf - q) ** 2).sum(0, dtype=torch.float64)
+    widths = [(c, b) for c, b in enumerate(bits) if b < quant.NO_QUANT_BITS]  # width 16: error 0
+    if not widths or out_f == 0 or in_f == 0:
+        return errors
+    xmin, xmax = quant.group_ranges(Wf, lab, n_groups)  # [out, n_groups]: the same for every width
+    # Row blocks small enough to stay in the CPU caches (one block on a GPU). Every element gets the
+    # float32 operations of quant.quantize on quant.group_grid's grid, and the float64 sum over the
+    # rows runs on the whole matrix (as sum(dtype=float64) does after converting it): bitwise equal.
+    block = out_f if device.type != "cpu" else max(1, COLUMN_ERRORS_BLOCK // in_f)
+    sq = torch.empty(out_f, in_f, dtype=torch.float64, device=device)  # sq: [out, in] weighted squared errors
+    t_buf = torch.empty(min(block, out_f), in_f, dtype=torch.float32, device=device)  # scratch: [block, in]
+    s_buf, z_buf = torch.empty_like(t_buf), torch.empty_like(t_buf)
+    w_buf = h_row if keep_mask is None else torch.empty_like(t_buf)
+    for c, b in widths:
+        scale_g, zero_g, maxq_g = quant.group_scales(xmin, xmax, [b] * n_groups, sym)  # [out, n_groups]
+        maxq = float(maxq_g[0])
+        for r0 in range(0, out_f, block):
+            r1 = min(r0 + block, out_f)
+            n = r1 - r0
+            s, z, t, x = s_buf[:n], z_buf[:n], t_buf[:n], Wf[r0:r1]  # [n, in]
+            torch.index_select(scale_g[r0:r1], 1, lab, out=s)  # the grids group_grid gathers
+            torch.index_select(zero_g[r0:r1], 1, lab, out=z)
+            torch.div(x, s, out=t)  # q = s (clamp(round(W / s) + z, 0, maxq) - z)
+            t.round_().add_(z).clamp_(0.0, maxq).sub_(z).mul_(s)
+            torch.sub(x, t, out=t)
+            t.mul_(t)  # (W - q)^2
+            if keep_mask is None:
+                t.mul_(h_row)
+            else:
+                torch.mul(h_row, keep_mask[r0:r1], out=w_buf[:n])  # h_j [kept]
+                t.mul_(w_buf[:n])
+            sq[r0:r1].copy_(t)
+        errors[:, c] = sq.sum(0)
     return errors
 
 
@@ -616,10 +644,13 @@ def column_errors(
 # ----------------------------------------------------------------------------------------------
 
 
-def _min_error_by_cost(costs: Tensor, errors: Tensor, cap: int) -> tuple[Tensor, Tensor]:
+def _min_error_by_cost(costs: np.ndarray, errors: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
     """One width per group, minimum summed error at every exact total cost (multiple-choice knapsack).
 
     # dp_h[x] = min_c dp_{h-1}[x - costs[h, c]] + errors[h, c],  dp_0 = [0, inf, inf, ...]
+
+    numpy on the host: H * C shifted adds over cap + 1 costs (a few ms at d = 13824), where torch's
+    per-op overhead on a many-threaded host made the same loop ten times slower.
 
     Args:
         costs: [H, C] int64 >= 0; errors: [H, C] float64; cap: largest total cost kept.
@@ -628,16 +659,22 @@ def _min_error_by_cost(costs: Tensor, errors: Tensor, cap: int) -> tuple[Tensor,
         width index of group h in the best combination of groups 0..h at each cost.
     """
     H, C = costs.shape
-    dp = torch.full((cap + 1,), math.inf, dtype=torch.float64)
+    dp = np.full(cap + 1, np.inf)
     dp[0] = 0.0
-    choice = torch.zeros(H, cap + 1, dtype=torch.int64)
+    choice = np.zeros((H, cap + 1), dtype=np.int64)
+    cand = np.empty(cap + 1)  # cand: [cap + 1] the cost of one width, reused
     for h in range(H):
-        cand = torch.full((C, cap + 1), math.inf, dtype=torch.float64)  # cand: [C, cap + 1]
+        best = np.full(cap + 1, np.inf)
         for c in range(C):
             w = int(costs[h, c])
-            if w <= cap:
-                cand[c, w:] = dp[: cap + 1 - w] + errors[h, c]
-        dp, choice[h] = cand.min(0)  # ties: the first (narrowest) width
+            if w > cap:
+                continue
+            cand[:w] = np.inf
+            np.add(dp[: cap + 1 - w], errors[h, c], out=cand[w:])
+            better = cand < best  # strict: ties keep the first (narrowest) width
+            choice[h][better] = c
+            np.minimum(best, cand, out=best)
+        dp = best
     return dp, choice
 
 
@@ -663,7 +700,8 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
     equal to it when all channels of a group share the group's error equally. The target acts as
     an equality: a zero-error group takes budget only when nothing else can lower the error with it.
 
-    Cost: G knapsacks of G - 1 groups over ~target * d costs, O(G^2 * C * target * d) vector work.
+    Cost: G knapsacks of G - 1 groups over ~target * d costs, O(G^2 * C * target * d) vector work,
+    in numpy on the host with all (a, b, m) candidates of a split group at once.
     Guarantee: avg <= target + 0.01; |avg - target| <= 0.01 whenever one channel's step between
     consecutive widths is <= 0.02 * d bits (e.g. d >= 400 with an 8 -> 16 step).
 
@@ -682,64 +720,103 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
         raise ValueError(f"target_avg must be finite, got {target_avg}")
     if not min(bits_in) <= target_avg <= max(bits_in):
         raise ValueError(f"target_avg {target_avg} outside [min, max] of bit_choices = [{min(bits_in)}, {max(bits_in)}]")
-    lab = labels.detach().cpu().to(torch.int64)  # lab: [d]
+    lab = labels.detach().cpu().to(torch.int64).numpy()  # lab: [d]
     if int(lab.min()) < 0:
         raise ValueError("labels must be non-negative")
     G = int(lab.max()) + 1
-    sizes = torch.bincount(lab, minlength=G)  # sizes: [G]
+    sizes = np.bincount(lab, minlength=G)  # sizes: [G]
     if not bool((sizes > 0).all()):
         raise ValueError(f"every group 0..{G - 1} must be non-empty, sizes {sizes.tolist()}")
 
     order = sorted(range(len(bits_in)), key=lambda c: bits_in[c])
-    bits = torch.tensor([bits_in[c] for c in order], dtype=torch.int64)  # bits: [C] ascending
-    col_err = col_errors.detach().cpu().to(torch.float64)[:, order]  # col_err: [d, C]
-    E = torch.zeros(G, len(order), dtype=torch.float64).index_add_(0, lab, col_err)  # E: [G, C]
+    bits = np.array([bits_in[c] for c in order], dtype=np.int64)  # bits: [C] ascending
+    col_err = col_errors.detach().cpu().to(torch.float64).numpy()[:, order]  # col_err: [d, C]
+    E = np.zeros((G, len(order)))
+    np.add.at(E, lab, col_err)  # E: [G, C] summed column errors of each group at each width
     costs = sizes[:, None] * bits[None, :]  # costs: [G, C] bits of a whole group at each width
     target = target_avg * d  # total bits asked for
     lo, hi = target - 0.01 * d, target + min(0.5, 0.01 * d)  # accepted totals
-    zero = torch.zeros(1, dtype=torch.float64)
+    pairs = np.array(list(itertools.combinations(range(len(order)), 2)), dtype=np.int64).reshape(-1, 2)  # [P, 2]
+    A, B = pairs[:, 0], pairs[:, 1]
+    step = (bits[B] - bits[A]).astype(np.float64)  # step: [P] bits per moved channel
+    members = np.argsort(lab, kind="stable")  # the columns of each group, ascending, group after group
+    starts = np.concatenate([[0], np.cumsum(sizes)])
 
-    # best: (distance to the target unless accepted, error, g, a, b, x, m, others, knapsack choice)
-    best: tuple[float, float, int, int, int, int, int, list[int], Tensor] | None = None
-    for g in range(G):
+    def candidates(dp: np.ndarray, g: int, saved: np.ndarray, xi: np.ndarray, above: bool) -> tuple[np.ndarray, ...]:
+        """Best x per (a, b, m choice) of split group g among the other groups' totals xi: [P, W] ascending.
+
+        m is the most channels keeping the total <= hi and, with ``above``, also one more (the closest
+        total above, which is never accepted unless it equals the first). Returns miss, err, x, m:
+        [P * (1 + above)] in (a, b), m order (the order the candidates are compared in).
+        """
         n_g = int(sizes[g])
-        others = [h for h in range(G) if h != g]
-        cap = math.floor(target + 0.01 * d) - n_g * int(bits[0])  # most bits the other groups may take
+        base = xi + n_g * bits[A][:, None]  # base: [P, W] bits before the split
+        m_top = np.floor((hi - base) / step[:, None])  # most channels keeping the total <= hi
+        m = np.stack([np.clip(m_top, 0, n_g)] + [np.clip(m_top + 1, 0, n_g)] * above, 1)  # [P, 1 + above, W]
+        total = base[:, None] + m * step[:, None, None]  # total: [P, 1 + above, W] integers
+        miss = np.where((total >= lo) & (total <= hi), 0.0, np.abs(total - target))
+        dp_x = dp[xi.astype(np.int64)][:, None, :]  # [P, 1, W]
+        miss = np.where((total <= target + 0.01 * d) & (dp_x < math.inf), miss, math.inf)
+        err = dp_x + E[g, A][:, None, None] - np.take_along_axis(saved[:, None, :], m.astype(np.int64), 2)
+        p = np.where(miss == miss.min(2, keepdims=True), err, math.inf).argmin(2)[..., None]  # [P, 1 + above, 1] best x
+        take = lambda t: np.take_along_axis(t, p, 2).ravel()  # noqa: E731
+        return take(miss), take(err), take(np.broadcast_to(xi[:, None, :], m.shape)), take(m)
+
+    # For every split group g: the other groups' knapsack, and each pair's cumulative error saved by
+    # moving its m channels of largest own gain from a to b.
+    per_group = []
+    for g in range(G if len(pairs) else 0):  # one width: nothing to choose
+        cap = math.floor(target + 0.01 * d) - int(sizes[g]) * int(bits[0])  # most bits the other groups may take
         if cap < 0:
             continue
+        others = [h for h in range(G) if h != g]
         dp, choice = _min_error_by_cost(costs[others], E[others], cap)  # dp: [cap + 1]
-        x = torch.arange(cap + 1, dtype=torch.float64)  # x: [cap + 1] bits of the other groups
-        cols = torch.nonzero(lab == g).flatten()  # cols: [n_g]
-        for a, b in itertools.combinations(range(len(order)), 2):  # g at width a, m of its channels at b
-            step = int(bits[b] - bits[a])
-            saved = torch.cat([zero, torch.cumsum((col_err[cols, a] - col_err[cols, b]).sort(descending=True).values, 0)])
-            base = x + n_g * int(bits[a])  # base: [cap + 1] bits before the split
-            m_top = torch.floor((hi - base) / step)  # most channels keeping the total <= hi
-            for m in (m_top.clamp(0, n_g), (m_top + 1).clamp(0, n_g)):  # the second: closest above when m_top < lo
-                total = base + m * step  # total: [cap + 1] integers
-                miss = torch.where((total >= lo) & (total <= hi), 0.0, (total - target).abs())
-                miss = torch.where((total <= target + 0.01 * d) & (dp < math.inf), miss, math.inf)
-                err = dp + E[g, a] - saved[m.long()]  # err: [cap + 1] summed column errors of each candidate
-                p = int(torch.argmin(torch.where(miss == miss.min(), err, math.inf)))
-                if best is None or (float(miss[p]), float(err[p])) < best[:2]:
-                    best = (float(miss[p]), float(err[p]), g, a, b, p, int(m[p]), others, choice)
+        cols = members[starts[g]:starts[g + 1]]  # cols: [n_g]
+        gain = -np.sort(-(col_err[cols][:, A] - col_err[cols][:, B]), axis=0)  # gain: [n_g, P] descending
+        saved = np.concatenate([np.zeros((1, len(pairs))), np.cumsum(gain, axis=0)]).T  # saved: [P, n_g + 1]
+        per_group.append((g, others, cap, dp, choice, saved))
 
-    width = torch.zeros(G, dtype=torch.int64)  # width: [G] index into bits (all 0 when there is one width)
-    new_labels = lab.clone()
+    # best: (distance to the target unless accepted, error, g, a, b, x, m, others, knapsack choice).
+    # Accepted totals need x in [lo - n_g b_hi, hi - n_g b_lo]: look there first (a few times fewer x
+    # than [0, cap]); the whole range only when no candidate anywhere is accepted. Ties go to the
+    # first g, pair, m choice and x, as in a scan of the whole range.
+    best: tuple[float, float, int, int, int, int, int, list[int], np.ndarray] | None = None
+    for window in (True, False):
+        for g, others, cap, dp, choice, saved in per_group:
+            n_g = int(sizes[g])
+            if window:
+                xs = np.clip(np.ceil(lo - n_g * bits[B]), 0, cap)  # xs, xe: [P] accepted x lie in [xs, xe]
+                xe = np.clip(np.floor(hi - n_g * bits[A]), 0, cap)
+                xi = np.minimum(xs[:, None] + np.arange(int((xe - xs).max()) + 1), xe[:, None])  # [P, W]
+            else:
+                xi = np.broadcast_to(np.arange(cap + 1, dtype=np.float64), (len(pairs), cap + 1))
+            miss, err, xp, mp = candidates(dp, g, saved, xi, above=not window)
+            i = int(np.lexsort((err, miss))[0])  # least (miss, error); ties: the first
+            if window and miss[i] > 0:
+                continue
+            if best is None or (float(miss[i]), float(err[i])) < best[:2]:
+                k = i if window else i // 2
+                best = (float(miss[i]), float(err[i]), g, int(A[k]), int(B[k]), int(xp[i]), int(mp[i]), others, choice)
+        if best is not None:
+            break
+
+    width = np.zeros(G, dtype=np.int64)  # width: [G] index into bits (all 0 when there is one width)
+    new_labels = lab.copy()
     split_bits: list[int] = []
     if best is not None:
-        _, _, g, a, b, x_left, m, others, choice = best
+        _, _, g, a, b, x_left, m_g, others, choice = best
         for i in range(len(others) - 1, -1, -1):  # backtrack the knapsack
             width[others[i]] = choice[i, x_left]
             x_left -= int(costs[others[i], width[others[i]]])
-        cols = torch.nonzero(lab == g).flatten()
-        width[g] = b if m == cols.numel() else a
-        if 0 < m < cols.numel():
-            moved = cols[torch.argsort(col_err[cols, a] - col_err[cols, b], descending=True, stable=True)[:m]]
+        cols = members[starts[g]:starts[g + 1]]
+        width[g] = b if m_g == cols.size else a
+        if 0 < m_g < cols.size:
+            moved = cols[np.argsort(-(col_err[cols, a] - col_err[cols, b]), kind="stable")[:m_g]]
             new_labels[moved] = G
             split_bits = [int(bits[b])]
     group_bits = bits[width].tolist() + split_bits
-    col_bits = torch.tensor(group_bits, dtype=torch.int64)[new_labels]  # col_bits: [d]
-    est_error = float(col_err.gather(1, torch.searchsorted(bits, col_bits)[:, None]).sum())  # sum_j E[j, b_j]
+    col_bits = np.array(group_bits, dtype=np.int64)[new_labels]  # col_bits: [d]
+    est_error = float(np.take_along_axis(col_err, np.searchsorted(bits, col_bits)[:, None], 1).sum())  # sum_j E[j, b_j]
     device = labels.device
-    return BitAllocation(col_bits=col_bits.to(device), labels=new_labels.to(device), group_bits=group_bits, est_error=est_error)
+    return BitAllocation(col_bits=torch.from_numpy(col_bits).to(device), labels=torch.from_numpy(new_labels).to(device),
+                         group_bits=group_bits, est_error=est_error)

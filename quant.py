@@ -79,6 +79,36 @@ def _minmax(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: boo
     return scale, zero
 
 
+def group_ranges(W: torch.Tensor, labels: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each row over each group's columns (0 for a group with no columns).
+
+    # xmin[r, g] = min_{j : labels_j = g} W[r, j],  xmax[r, g] = max_{j : labels_j = g} W[r, j]
+
+    W: [out, in] float; labels: [in] group ids in [0, n_groups). Returns xmin, xmax: [out, n_groups] float32.
+    """
+    W = W.float()
+    rows = W.shape[0]
+    idx = labels.to(W.device).long().unsqueeze(0).expand(rows, -1)
+    xmin = torch.zeros(rows, n_groups, device=W.device).scatter_reduce(1, idx, W, "amin", include_self=False)
+    xmax = torch.zeros(rows, n_groups, device=W.device).scatter_reduce(1, idx, W, "amax", include_self=False)
+    return xmin, xmax
+
+
+def group_scales(xmin: torch.Tensor, xmax: torch.Tensor, group_bits: Sequence[int], sym: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grid parameters of each (row, group) from its range (``group_ranges``).
+
+    # maxq_g = 2^bits_g - 1 (0 for 16 bits);  scale, zero = _minmax(xmin, xmax, maxq_g, sym)
+
+    xmin, xmax: [out, groups]; group_bits[g]: width of group g. Returns scale, zero: [out, groups]
+    (zero may be an expanded view) and maxq_g: [groups] float32.
+    """
+    bits = torch.tensor([check_bits(int(b)) for b in group_bits], device=xmin.device, dtype=torch.float32)
+    maxq_g = torch.where(bits >= NO_QUANT_BITS, torch.zeros_like(bits), 2 ** bits - 1)  # [groups]
+    scale, zero = _minmax(xmin, xmax, maxq_g.unsqueeze(0), sym)  # [rows, groups]
+    return scale, zero, maxq_g
+
+
 def group_grid(W: torch.Tensor, labels: torch.Tensor, group_bits: Sequence[int], sym: bool = False) -> QGrid:
     """Per-row grids for each group of input channels.
 
@@ -89,16 +119,13 @@ def group_grid(W: torch.Tensor, labels: torch.Tensor, group_bits: Sequence[int],
     assert W.dim() == 2 and labels.shape == (W.shape[1],), (W.shape, labels.shape)
     if torch.isnan(W).any():
         raise ValueError("NaN in weights")
-    n_groups = len(group_bits)
     W = W.float()
     rows = W.shape[0]
-    idx = labels.to(W.device).long().unsqueeze(0).expand(rows, -1)
-    xmin = torch.zeros(rows, n_groups, device=W.device).scatter_reduce(1, idx, W, "amin", include_self=False)
-    xmax = torch.zeros(rows, n_groups, device=W.device).scatter_reduce(1, idx, W, "amax", include_self=False)
-    bits = torch.tensor([check_bits(int(b)) for b in group_bits], device=W.device, dtype=torch.float32)
-    maxq_g = torch.where(bits >= NO_QUANT_BITS, torch.zeros_like(bits), 2 ** bits - 1)  # [groups]
-    scale, zero = _minmax(xmin, xmax, maxq_g.unsqueeze(0), sym)  # [rows, groups]
-    maxq = maxq_g[labels.to(W.device).long()].unsqueeze(0).expand(rows, -1)
+    xmin, xmax = group_ranges(W, labels, len(group_bits))  # [rows, groups]
+    scale, zero, maxq_g = group_scales(xmin, xmax, group_bits, sym)  # [rows, groups], [groups]
+    lab = labels.to(W.device).long()
+    idx = lab.unsqueeze(0).expand(rows, -1)
+    maxq = maxq_g[lab].unsqueeze(0).expand(rows, -1)
     return QGrid(scale.gather(1, idx), zero.gather(1, idx), maxq.contiguous())
 
 

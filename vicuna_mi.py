@@ -16,6 +16,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -324,10 +325,10 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
     H = stats.hessian(release=True)   # after the MI, which reads the sums: no second [in, in] matrix
 
     Ws = [m.weight.data.float() for _, m in group]
-    plans = []
     with timer("allocation"):
-        for W in Ws:
-            plans.append(plan_quantization(cfg, W, H, labels))
+        # The sub-layers of a fused group in threads: their knapsacks (numpy, GIL released) run in parallel.
+        with ThreadPoolExecutor(max_workers=len(Ws)) as pool:
+            plans = list(pool.map(lambda W: plan_quantization(cfg, W, H, labels), Ws))
     start = time.perf_counter()
     with timer("prune_quant"):
         shapes = [W.shape for W in Ws]
@@ -480,7 +481,7 @@ def compress_model(cfg: CompressConfig, model: nn.Module, calib: torch.Tensor, d
     with timer("capture"):
         acts: Activations = walker.capture(calib)
     records: list[dict] = []
-    bar = tqdm(walker.layers(), total=len(walker.decoder_layers), desc="compress", unit="layer")
+    bar = tqdm(walker.layers(timer), total=len(walker.decoder_layers), desc="compress", unit="layer")
     for i, layer in bar:
         layer_packed: list[checkpoint.PackedLinear] = []
         groups = sublayer_groups(layer)
@@ -544,7 +545,7 @@ def summarize(cfg: CompressConfig, records: list[dict], ppl: dict, windows: dict
         report["bit_histogram_channels"] = {str(b): {"channels": c, "fraction": c / n_cols} for b, c in sorted(hist.items())}
         report["silhouette"] = {"mean": sum(sil) / len(sil), "min": min(sil), "max": max(sil)} if sil else None
     report["time_s"] = {"total": times.get("total", 0.0), **{k: v for k, v in times.items() if k != "total"}}
-    compress_keys = ("capture", "statistics", "mi", "clustering", "allocation", "prune_quant", "pack", "propagate")
+    compress_keys = ("capture", "transfer", "statistics", "mi", "clustering", "allocation", "prune_quant", "pack", "propagate")
     report["time_s"]["compression"] = sum(times.get(k, 0.0) for k in compress_keys)
     if report["time_s"]["compression"] and cfg.use_mi_grouping and cfg.grouping == "mi":
         report["time_s"]["mi_clustering_fraction"] = (times.get("mi", 0.0) + times.get("clustering", 0.0)) / report["time_s"]["compression"]
@@ -604,7 +605,10 @@ def print_summary(report: dict) -> None:
                  + (f" (MI+clustering {t['mi_clustering_fraction'] * 100:.1f}%)" if "mi_clustering_fraction" in t else ""))
     lines.append(f"stages     : {stages}")
     if report.get("device", {}).get("peak_memory_gib"):
-        lines.append(f"GPU memory : peak {report['device']['peak_memory_gib']:.1f} GiB allocated on {report['device']['name']}")
+        dev = report["device"]
+        phases = [f"{k} {dev[f'peak_memory_gib_{k}']:.1f}" for k in ("compression", "evaluation") if dev.get(f"peak_memory_gib_{k}")]
+        lines.append(f"GPU memory : peak {dev['peak_memory_gib']:.1f} GiB allocated on {dev['name']}"
+                     + (f" ({', '.join(phases)})" if phases else ""))
     if report["ppl"]:
         lines.append("perplexity : " + "  ".join(f"{k} {v:.3f} ({report['eval_windows'][k]} windows)" for k, v in report["ppl"].items()))
     print("\n".join(lines), flush=True)
@@ -648,6 +652,7 @@ def run(cfg: CompressConfig) -> dict:
         # An unfinished checkpoint stays in a temporary directory that is removed on failure.
         writer = checkpoint.CheckpointWriter(cfg.save, model) if cfg.save else None
         records = compress_model(cfg, model, calib, device, timer, writer=writer)
+    peaks = {"compression": _peak_gib(device, reset=True)}   # peak GPU memory of each phase
     ppl, windows = {}, {}
     for name, ids in eval_ids.items():
         with timer("evaluation"):
@@ -658,7 +663,9 @@ def run(cfg: CompressConfig) -> dict:
     times["total"] = time.perf_counter() - t0
     report = summarize(cfg, records, ppl, windows, times)
     report["device"] = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
+                        "peak_memory_gib": max(peaks["compression"] or 0.0, _peak_gib(device) or 0.0) if device.type == "cuda" else None,
+                        "peak_memory_gib_compression": peaks["compression"] if records else None,
+                        "peak_memory_gib_evaluation": _peak_gib(device) if eval_ids else None}
     report["model"] = {"weights_format": lm.weights_format, "checkpoint_dtype": lm.checkpoint_dtype,
                        "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}   # dtype of the forward passes
     if records:
@@ -674,6 +681,16 @@ def run(cfg: CompressConfig) -> dict:
     print_summary(report)
     print(f"report     : {out}")
     return report
+
+
+def _peak_gib(device: torch.device, reset: bool = False) -> Optional[float]:
+    """Peak GPU memory allocated since the last reset, in GiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 ERRORS = (UsageError, modelutils.ModelError, datautils.DataError, sparsegpt.CholeskyError, ValueError)

@@ -695,3 +695,73 @@ def test_cholesky_qr_is_orthonormal_and_spans_the_block():
     Y[:, 5] = Y[:, 4]                                                    # rank deficient: no Cholesky
     R = _orthonormalize(Y, cholesky=True)
     assert torch.equal(R, torch.linalg.qr(Y)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast allocator and column errors against frozen copies of the earlier (slow) versions
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _reference_alloc
+
+    return _reference_alloc
+
+
+def _random_instance(seed: int, d: int, G: int, C_bits: list[int], zero_groups: int = 0, ties: bool = False):
+    g = _gen(seed)
+    labels = torch.cat([torch.arange(G), torch.randint(0, G, (d - G,), generator=g)])
+    labels = labels[torch.randperm(d, generator=g)]
+    scale = torch.exp(2 * torch.randn(d, 1, generator=g, dtype=torch.float64))
+    bits = torch.tensor(C_bits, dtype=torch.float64)
+    col = scale * 4.0 ** -bits * (1 + 0.3 * torch.rand(d, len(C_bits), generator=g, dtype=torch.float64))
+    if ties:  # equal errors within groups: many equal gains and equal knapsack totals
+        col = torch.round(col * 4) / 4
+    col[torch.isin(labels, torch.arange(zero_groups)), :] = 0.0
+    return col, labels
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_allocator_equals_the_reference_allocator(seed: int) -> None:
+    ref = _reference()
+    rng = np.random.default_rng(seed)
+    d = int(rng.choice([9, 24, 100, 333, 1000, 2048]))
+    G = int(rng.integers(1, min(d, 9) + 1))
+    C_bits = sorted(rng.choice([2, 3, 4, 5, 6, 8, 16], size=int(rng.integers(1, 5)), replace=False).tolist())
+    col, labels = _random_instance(seed, d, G, C_bits, zero_groups=int(rng.integers(0, 2)), ties=bool(seed % 3 == 0))
+    lo_b, hi_b = min(C_bits), max(C_bits)
+    for target in {lo_b, hi_b, float(rng.uniform(lo_b, hi_b)), round(float(rng.uniform(lo_b, hi_b)), 1)}:
+        new = allocate_bits(col, labels, C_bits, target)
+        old = ref.reference_allocate_bits(col, labels, C_bits, target)
+        assert new.group_bits == old.group_bits, (d, G, C_bits, target)
+        assert torch.equal(new.labels, old.labels) and torch.equal(new.col_bits, old.col_bits)
+        assert new.est_error == pytest.approx(old.est_error, rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fast_column_errors_are_bitwise_the_reference(sym: bool, masked: bool, monkeypatch) -> None:
+    import channel_grouping
+
+    ref = _reference()
+    g = _gen(7)
+    W = torch.randn(300, 97, generator=g) * torch.exp(torch.randn(1, 97, generator=g))
+    W[:, 3] = 0.0  # a dead column
+    h = torch.rand(97, generator=g)
+    labels = torch.randint(0, 5, (97,), generator=g)
+    mask = (torch.rand(300, 97, generator=g) > 0.5) if masked else None
+    monkeypatch.setattr(channel_grouping, "COLUMN_ERRORS_BLOCK", 97 * 64)  # several row blocks, a ragged last one
+    new = column_errors(W, h, labels, 5, [2, 3, 4, 8, 16], keep_mask=mask, sym=sym)
+    old = ref.reference_column_errors(W, h, labels, 5, [2, 3, 4, 8, 16], mask, sym=sym)
+    assert torch.equal(new, old)
+
+
+def test_fast_allocator_equals_the_reference_when_no_total_is_accepted() -> None:
+    ref = _reference()
+    col, labels = _random_instance(3, 9, 3, [2, 16])
+    for target in (2.5, 3.3, 9.0, 15.9):  # steps of 14 bits on 9 channels: no total within 0.01 bits
+        new = allocate_bits(col, labels, [2, 16], target)
+        old = ref.reference_allocate_bits(col, labels, [2, 16], target)
+        assert abs(new.col_bits.double().mean() - target) > 0.01  # the closest-total fallback
+        assert new.group_bits == old.group_bits and torch.equal(new.labels, old.labels)
