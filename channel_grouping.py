@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -214,6 +217,8 @@ def top_eigenvectors(
     _, vecs = torch.linalg.eigh(M)  # ascending eigenvalues
     return vecs[:, -k:].flip(1).contiguous()
 
+
+ALLOC_THREADS_MIN_D = 1024  # allocate_bits: channels from which the split groups run in threads
 
 KMEANS_MAX_ITER = 300  # Lloyd iterations per restart (sklearn's default)
 KMEANS_TOL = 1e-4  # stop when sum_j |c_j' - c_j|^2 <= tol * mean feature variance (sklearn's rule)
@@ -762,35 +767,43 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
         take = lambda t: np.take_along_axis(t, p, 2).ravel()  # noqa: E731
         return take(miss), take(err), take(np.broadcast_to(xi[:, None, :], m.shape)), take(m)
 
-    # For every split group g: the other groups' knapsack, and each pair's cumulative error saved by
-    # moving its m channels of largest own gain from a to b.
-    per_group = []
-    for g in range(G if len(pairs) else 0):  # one width: nothing to choose
-        cap = math.floor(target + 0.01 * d) - int(sizes[g]) * int(bits[0])  # most bits the other groups may take
+    def split_group(g: int) -> Optional[tuple]:
+        """Split group g: the other groups' knapsack, each pair's cumulative error saved by moving its
+        m channels of largest own gain from a to b, and the best candidate of each (a, b) whose total
+        lies in the accepted window [lo - n_g b_hi, hi - n_g b_lo] of x (a few times fewer x than [0, cap])."""
+        n_g = int(sizes[g])
+        cap = math.floor(target + 0.01 * d) - n_g * int(bits[0])  # most bits the other groups may take
         if cap < 0:
-            continue
+            return None
         others = [h for h in range(G) if h != g]
         dp, choice = _min_error_by_cost(costs[others], E[others], cap)  # dp: [cap + 1]
         cols = members[starts[g]:starts[g + 1]]  # cols: [n_g]
         gain = -np.sort(-(col_err[cols][:, A] - col_err[cols][:, B]), axis=0)  # gain: [n_g, P] descending
         saved = np.concatenate([np.zeros((1, len(pairs))), np.cumsum(gain, axis=0)]).T  # saved: [P, n_g + 1]
-        per_group.append((g, others, cap, dp, choice, saved))
+        xs = np.clip(np.ceil(lo - n_g * bits[B]), 0, cap)  # xs, xe: [P] accepted x lie in [xs, xe]
+        xe = np.clip(np.floor(hi - n_g * bits[A]), 0, cap)
+        xi = np.minimum(xs[:, None] + np.arange(int((xe - xs).max()) + 1), xe[:, None])  # [P, W]
+        return g, others, cap, dp, choice, saved, candidates(dp, g, saved, xi, above=False)
+
+    # The G split groups are independent: threads (numpy releases the GIL in the vector work).
+    todo = range(G if len(pairs) else 0)  # one width: nothing to choose
+    if G > 1 and d >= ALLOC_THREADS_MIN_D:
+        with ThreadPoolExecutor(max_workers=min(G, os.cpu_count() or 1)) as pool:
+            per_group = [r for r in pool.map(split_group, todo) if r is not None]
+    else:
+        per_group = [r for r in map(split_group, todo) if r is not None]
 
     # best: (distance to the target unless accepted, error, g, a, b, x, m, others, knapsack choice).
-    # Accepted totals need x in [lo - n_g b_hi, hi - n_g b_lo]: look there first (a few times fewer x
-    # than [0, cap]); the whole range only when no candidate anywhere is accepted. Ties go to the
-    # first g, pair, m choice and x, as in a scan of the whole range.
+    # Accepted candidates first; the whole range of x only when no candidate anywhere is accepted.
+    # Ties go to the first g, pair, m choice and x, as in a scan of the whole range.
     best: tuple[float, float, int, int, int, int, int, list[int], np.ndarray] | None = None
     for window in (True, False):
-        for g, others, cap, dp, choice, saved in per_group:
-            n_g = int(sizes[g])
+        for g, others, cap, dp, choice, saved, windowed in per_group:
             if window:
-                xs = np.clip(np.ceil(lo - n_g * bits[B]), 0, cap)  # xs, xe: [P] accepted x lie in [xs, xe]
-                xe = np.clip(np.floor(hi - n_g * bits[A]), 0, cap)
-                xi = np.minimum(xs[:, None] + np.arange(int((xe - xs).max()) + 1), xe[:, None])  # [P, W]
+                miss, err, xp, mp = windowed
             else:
                 xi = np.broadcast_to(np.arange(cap + 1, dtype=np.float64), (len(pairs), cap + 1))
-            miss, err, xp, mp = candidates(dp, g, saved, xi, above=not window)
+                miss, err, xp, mp = candidates(dp, g, saved, xi, above=True)
             i = int(np.lexsort((err, miss))[0])  # least (miss, error); ties: the first
             if window and miss[i] > 0:
                 continue
