@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Optional
@@ -75,9 +74,10 @@ class LayerWalker:
     """Streams a decoder stack one layer at a time over captured activations."""
 
     def __init__(self, model: nn.Module, device: str | torch.device, batch_size: int = 8,
-                 offload: bool = True, stream_layers: bool = True):
+                 offload: bool = True, pin_memory: bool = True):
         self.model = model
-        self.stream_layers = stream_layers   # CUDA: overlap the layer copies with the work (layers())
+        self.pin_memory = pin_memory   # CUDA: page-locked host copies of the decoder layers (layers())
+        self._host: dict[torch.Tensor, torch.Tensor] = {}   # on-device tensor -> its pinned host copy
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" == the current device, cuda:N
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -203,75 +203,46 @@ class LayerWalker:
         """Yield (index, layer) with the layer on the compute device; it goes back to the CPU afterwards.
 
         ``timer(stage)``: a context manager charged with the moves (stage "transfer"), e.g. a StageTimer.
-        On CUDA the moves run on a side stream in a worker thread (``_streamed``): layer i + 1 comes
-        in and layer i - 1 goes out while layer i works, so only a wait for them is charged.
         """
         timed = timer if timer is not None else (lambda stage: contextlib.nullcontext())
-        if self.offload and self.device.type == "cuda" and self.stream_layers:
-            yield from self._streamed(timed)
-            return
         for i, layer in enumerate(self.decoder_layers):
             with timed("transfer"):
-                layer.to(self.device)
+                self._fetch(layer)
             try:
                 yield i, layer
             finally:
                 if self.offload:
                     with timed("transfer"):
-                        layer.to("cpu")
+                        self._release(layer)
 
-    def _streamed(self, timed: Callable[[str], ContextManager]) -> Iterator[tuple[int, nn.Module]]:
-        """layers() on CUDA with the copies overlapped: at most three layers on the device at once.
+    def _pinned(self) -> bool:
+        return self.offload and self.device.type == "cuda" and self.pin_memory
 
-        A single worker thread runs the copies in order on its own stream: fetch(i + 1) is queued
-        before layer i is yielded, release(i) after it comes back, and release(i) first waits for
-        an event recorded on the compute stream, so the copy out sees every kernel that wrote the
-        layer. Fetched tensors are marked as used by the compute stream (record_stream), so their
-        memory is reused only after its kernels are done. When the walk ends (or fails) every queued
-        copy is finished before returning: afterwards the whole stack is back on the CPU.
-        """
-        layers = list(self.decoder_layers)
-        compute = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
+    def _fetch(self, layer: nn.Module) -> None:
+        """The layer onto the device. CUDA: its host tensors are page-locked first (once per tensor:
+        the pinned copy replaces the pageable one), so the copies in and out run at full bus speed."""
+        if not self._pinned():
+            layer.to(self.device)
+            return
+        for t in itertools.chain(layer.parameters(), layer.buffers()):
+            if t.device.type == "cpu":
+                host = t.data if t.data.is_pinned() else t.data.pin_memory()
+                t.data = host.to(self.device, non_blocking=True)
+                self._host[t] = host
 
-        def fetch(layer: nn.Module) -> None:
-            with torch.cuda.stream(side):
-                layer.to(self.device)
-            side.synchronize()
-
-        def release(layer: nn.Module, done: torch.cuda.Event) -> None:
-            side.wait_event(done)
-            with torch.cuda.stream(side):
-                layer.to("cpu")
-            side.synchronize()
-
-        pending: list[Future] = []
-        incoming: Optional[tuple[nn.Module, Future]] = None   # the layer being fetched
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            try:
-                if layers:
-                    incoming = (layers[0], pool.submit(fetch, layers[0]))
-                for i, layer in enumerate(layers):
-                    with timed("transfer"):
-                        incoming[1].result()
-                        incoming = None
-                        for t in itertools.chain(layer.parameters(), layer.buffers()):
-                            t.data.record_stream(compute)
-                    if i + 1 < len(layers):
-                        incoming = (layers[i + 1], pool.submit(fetch, layers[i + 1]))
-                    try:
-                        yield i, layer
-                    finally:
-                        done = torch.cuda.Event()
-                        done.record(compute)
-                        pending.append(pool.submit(release, layer, done))
-            finally:
-                with timed("transfer"):
-                    for f in pending:
-                        f.result()
-                    if incoming is not None:   # the walk ended early: the prefetched layer goes back too
-                        incoming[1].result()
-                        incoming[0].to("cpu")
+    def _release(self, layer: nn.Module) -> None:
+        """The layer back to the CPU; CUDA: into its pinned host tensors (no new allocation)."""
+        if not self._pinned():
+            layer.to("cpu")
+            return
+        for t in itertools.chain(layer.parameters(), layer.buffers()):
+            host = self._host.pop(t, None)
+            if host is None or host.shape != t.shape or host.dtype != t.dtype:
+                t.data = t.data.to("cpu")
+            else:
+                host.copy_(t.data, non_blocking=True)
+                t.data = host
+        torch.cuda.current_stream(self.device).synchronize()   # the host copies are complete
 
     @torch.no_grad()
     def run(self, layer: nn.Module, acts: Activations) -> Activations:

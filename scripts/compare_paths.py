@@ -4,7 +4,7 @@
     python scripts/compare_paths.py --out FILE.json -- MODEL DATASET [vicuna_mi.py flags]
 
 Runs vicuna_mi.py's command twice in one process: as it is (tensor-core Hessian sums, fused OBS
-loop on CUDA, shared statistics passes, streamed layer copies) and on the earlier paths (float32
+loop on CUDA, shared statistics passes, pinned layer copies) and on the earlier paths (float32
 Hessian GEMMs, the PyTorch column loop, the walker's own pass per group, plain copies). Writes both
 reports' perplexities, their relative differences, and both compression times.
 """
@@ -29,7 +29,7 @@ def run_baseline(cfg: vicuna_mi.CompressConfig) -> dict:
         sparsegpt._gram_mode = "float32"
         sparsegpt.sparsegpt_solve = lambda W, H, **kw: solve(W, H, **{**kw, "fused": False})
         vicuna_mi.compress_model = functools.partial(compress, shared_passes=False)
-        walker.LayerWalker.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "stream_layers": False})
+        walker.LayerWalker.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "pin_memory": False})
         return vicuna_mi.run(cfg)
     finally:
         sparsegpt._gram_mode, sparsegpt.sparsegpt_solve, vicuna_mi.compress_model, walker.LayerWalker.__init__ = saved
