@@ -243,7 +243,7 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
 
 
 class StageTimer:
-    """Wall time per stage; synchronises the CUDA compute stream so its kernels are charged to their stage."""
+    """Wall time per stage; synchronises CUDA so asynchronous kernels are charged to their stage."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -260,9 +260,8 @@ class StageTimer:
             self.seconds[stage] += time.perf_counter() - start
 
     def _sync(self) -> None:
-        # The compute stream only: layer copies running on the walker's side stream stay overlapped.
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.synchronize(self.device)
 
 
 def sublayer_groups(layer: nn.Module) -> list[list[tuple[str, nn.Linear]]]:

@@ -19,7 +19,6 @@ itself. A model whose layers cannot be replayed from per-layer kwargs is refused
 from __future__ import annotations
 
 import contextlib
-import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Optional
@@ -74,10 +73,8 @@ class LayerWalker:
     """Streams a decoder stack one layer at a time over captured activations."""
 
     def __init__(self, model: nn.Module, device: str | torch.device, batch_size: int = 8,
-                 offload: bool = True, pin_memory: bool = True):
+                 offload: bool = True):
         self.model = model
-        self.pin_memory = pin_memory   # CUDA: page-locked host copies of the decoder layers (layers())
-        self._host: dict[torch.Tensor, torch.Tensor] = {}   # on-device tensor -> its pinned host copy
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" == the current device, cuda:N
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -207,42 +204,13 @@ class LayerWalker:
         timed = timer if timer is not None else (lambda stage: contextlib.nullcontext())
         for i, layer in enumerate(self.decoder_layers):
             with timed("transfer"):
-                self._fetch(layer)
+                layer.to(self.device)
             try:
                 yield i, layer
             finally:
                 if self.offload:
                     with timed("transfer"):
-                        self._release(layer)
-
-    def _pinned(self) -> bool:
-        return self.offload and self.device.type == "cuda" and self.pin_memory
-
-    def _fetch(self, layer: nn.Module) -> None:
-        """The layer onto the device. CUDA: its host tensors are page-locked first (once per tensor:
-        the pinned copy replaces the pageable one), so the copies in and out run at full bus speed."""
-        if not self._pinned():
-            layer.to(self.device)
-            return
-        for t in itertools.chain(layer.parameters(), layer.buffers()):
-            if t.device.type == "cpu":
-                host = t.data if t.data.is_pinned() else t.data.pin_memory()
-                t.data = host.to(self.device, non_blocking=True)
-                self._host[t] = host
-
-    def _release(self, layer: nn.Module) -> None:
-        """The layer back to the CPU; CUDA: into its pinned host tensors (no new allocation)."""
-        if not self._pinned():
-            layer.to("cpu")
-            return
-        for t in itertools.chain(layer.parameters(), layer.buffers()):
-            host = self._host.pop(t, None)
-            if host is None or host.shape != t.shape or host.dtype != t.dtype:
-                t.data = t.data.to("cpu")
-            else:
-                host.copy_(t.data, non_blocking=True)
-                t.data = host
-        torch.cuda.current_stream(self.device).synchronize()   # the host copies are complete
+                        layer.to("cpu")
 
     @torch.no_grad()
     def run(self, layer: nn.Module, acts: Activations) -> Activations:

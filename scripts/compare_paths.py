@@ -4,8 +4,8 @@
     python scripts/compare_paths.py --out FILE.json -- MODEL DATASET [vicuna_mi.py flags]
 
 Runs vicuna_mi.py's command twice in one process: as it is (tensor-core Hessian sums, fused OBS
-loop on CUDA, shared statistics passes, pinned layer copies) and on the earlier paths (float32
-Hessian GEMMs, the PyTorch column loop, the walker's own pass per group, plain copies). Writes both
+loop on CUDA, shared statistics passes) and on the earlier paths (float32 Hessian GEMMs, the
+PyTorch column loop, the walker's own pass per group). Writes both
 reports' perplexities, their relative differences, and both compression times.
 """
 import argparse
@@ -18,21 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sparsegpt  # noqa: E402
 import vicuna_mi  # noqa: E402
-import walker  # noqa: E402
 
 
 def run_baseline(cfg: vicuna_mi.CompressConfig) -> dict:
     """vicuna_mi.run with the paths before issue 9, restored afterwards."""
-    saved = (sparsegpt._gram_mode, sparsegpt.sparsegpt_solve, vicuna_mi.compress_model, walker.LayerWalker.__init__)
-    solve, compress, init = saved[1], saved[2], saved[3]
+    saved = (sparsegpt._gram_mode, sparsegpt.sparsegpt_solve, vicuna_mi.compress_model)
+    solve, compress = saved[1], saved[2]
     try:
         sparsegpt._gram_mode = "float32"
         sparsegpt.sparsegpt_solve = lambda W, H, **kw: solve(W, H, **{**kw, "fused": False})
         vicuna_mi.compress_model = functools.partial(compress, shared_passes=False)
-        walker.LayerWalker.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "pin_memory": False})
         return vicuna_mi.run(cfg)
     finally:
-        sparsegpt._gram_mode, sparsegpt.sparsegpt_solve, vicuna_mi.compress_model, walker.LayerWalker.__init__ = saved
+        sparsegpt._gram_mode, sparsegpt.sparsegpt_solve, vicuna_mi.compress_model = saved
 
 
 def main() -> None:
