@@ -52,4 +52,3 @@ def test_same_command_twice_gives_the_same_report(tmp_path, data_dir):
         reports.append(_strip_timings(json.loads(out.read_text())))
     assert reports[0] == reports[1]
     assert reports[0]["ppl"]["wikitext2"] > 1 and len(reports[0]["layers"]) == 14
-
