@@ -513,6 +513,10 @@ def compress_model(cfg: CompressConfig, model: nn.Module, calib: torch.Tensor, d
     return records
 
 
+# The stages of compress_model, whose times add up to a report's time_s.compression.
+COMPRESS_STAGES = ("capture", "transfer", "statistics", "mi", "clustering", "allocation", "prune_quant", "pack", "propagate")
+
+
 def _weighted(records: list[dict], key: str) -> float:
     """Average of a per-sub-layer figure weighted by the number of weights."""
     total = sum(r["shape"][0] * r["shape"][1] for r in records)
@@ -545,8 +549,7 @@ def summarize(cfg: CompressConfig, records: list[dict], ppl: dict, windows: dict
         report["bit_histogram_channels"] = {str(b): {"channels": c, "fraction": c / n_cols} for b, c in sorted(hist.items())}
         report["silhouette"] = {"mean": sum(sil) / len(sil), "min": min(sil), "max": max(sil)} if sil else None
     report["time_s"] = {"total": times.get("total", 0.0), **{k: v for k, v in times.items() if k != "total"}}
-    compress_keys = ("capture", "transfer", "statistics", "mi", "clustering", "allocation", "prune_quant", "pack", "propagate")
-    report["time_s"]["compression"] = sum(times.get(k, 0.0) for k in compress_keys)
+    report["time_s"]["compression"] = sum(times.get(k, 0.0) for k in COMPRESS_STAGES)
     if report["time_s"]["compression"] and cfg.use_mi_grouping and cfg.grouping == "mi":
         report["time_s"]["mi_clustering_fraction"] = (times.get("mi", 0.0) + times.get("clustering", 0.0)) / report["time_s"]["compression"]
     report["layers"] = records
@@ -662,10 +665,11 @@ def run(cfg: CompressConfig) -> dict:
     times = dict(timer.seconds)
     times["total"] = time.perf_counter() - t0
     report = summarize(cfg, records, ppl, windows, times)
+    peaks["evaluation"] = _peak_gib(device)
     report["device"] = {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                        "peak_memory_gib": max(peaks["compression"] or 0.0, _peak_gib(device) or 0.0) if device.type == "cuda" else None,
+                        "peak_memory_gib": max(peaks.values()) if device.type == "cuda" else None,
                         "peak_memory_gib_compression": peaks["compression"] if records else None,
-                        "peak_memory_gib_evaluation": _peak_gib(device) if eval_ids else None}
+                        "peak_memory_gib_evaluation": peaks["evaluation"] if eval_ids else None}
     report["model"] = {"weights_format": lm.weights_format, "checkpoint_dtype": lm.checkpoint_dtype,
                        "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}   # dtype of the forward passes
     if records:

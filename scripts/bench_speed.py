@@ -39,7 +39,7 @@ import vicuna_mi  # noqa: E402
 GIB = 2 ** 30
 SUBLAYER_TYPES = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up",
                   "mlp.down_proj": "down", "propagate": "layer"}
-COMPRESS_STAGES = ("capture", "transfer", "statistics", "mi", "clustering", "allocation", "prune_quant", "pack", "propagate")
+COMPRESS_STAGES = vicuna_mi.COMPRESS_STAGES
 
 
 class HostMemory:
