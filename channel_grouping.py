@@ -655,31 +655,35 @@ def _min_error_by_cost(costs: np.ndarray, errors: np.ndarray, cap: int) -> tuple
     # dp_h[x] = min_c dp_{h-1}[x - costs[h, c]] + errors[h, c],  dp_0 = [0, inf, inf, ...]
 
     numpy on the host: H * C shifted adds over cap + 1 costs (a few ms at d = 13824), where torch's
-    per-op overhead on a many-threaded host made the same loop ten times slower.
+    per-op overhead on a many-threaded host made the same loop ten times slower. Every array is
+    allocated once: on the H100 host each fresh [cap + 1] array cost page faults (np.full took
+    ~170 us), and threads running knapsacks then queued on the kernel's memory-map lock.
 
     Args:
         costs: [H, C] int64 >= 0; errors: [H, C] float64; cap: largest total cost kept.
     Returns:
-        dp: [cap + 1] float64 (inf where no combination costs exactly x); choice: [H, cap + 1] int64
+        dp: [cap + 1] float64 (inf where no combination costs exactly x); choice: [H, cap + 1] int8
         width index of group h in the best combination of groups 0..h at each cost.
     """
     H, C = costs.shape
     dp = np.full(cap + 1, np.inf)
     dp[0] = 0.0
-    choice = np.zeros((H, cap + 1), dtype=np.int64)
+    best = np.empty(cap + 1)  # best: [cap + 1] the next dp; dp and best swap after each group
+    choice = np.zeros((H, cap + 1), dtype=np.int8)  # C <= len(VALID_BITS) widths
     cand = np.empty(cap + 1)  # cand: [cap + 1] the cost of one width, reused
+    better = np.empty(cap + 1, dtype=bool)
     for h in range(H):
-        best = np.full(cap + 1, np.inf)
+        best.fill(np.inf)
         for c in range(C):
             w = int(costs[h, c])
             if w > cap:
                 continue
             cand[:w] = np.inf
             np.add(dp[: cap + 1 - w], errors[h, c], out=cand[w:])
-            better = cand < best  # strict: ties keep the first (narrowest) width
-            choice[h][better] = c
+            np.less(cand, best, out=better)  # strict: ties keep the first (narrowest) width
+            np.copyto(choice[h], c, where=better)
             np.minimum(best, cand, out=best)
-        dp = best
+        dp, best = best, dp
     return dp, choice
 
 

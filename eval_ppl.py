@@ -69,7 +69,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int, device: s
     if layerwise:
         walker = LayerWalker(model, device, batch_size=batch_size)
         acts = walker.capture(ids)
-        for _, layer in tqdm(walker.layers(), total=len(walker.decoder_layers), desc=desc, leave=False):
+        for _, layer in tqdm(walker.layers(writeback=False), total=len(walker.decoder_layers), desc=desc, leave=False):
             acts = walker.run(layer, acts)
         total += walker.nll_sum(acts.hidden, ids, chunk_tokens)
     else:
