@@ -311,7 +311,8 @@ class Packer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packer") if self.cuda else None
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        # High priority: its small kernels go ahead of the statistics GEMMs queued on the main stream.
+        self.stream = torch.cuda.Stream(device, priority=-1) if self.cuda else None
 
     def submit(self, *args, **kwargs) -> Future:
         """A future of ``checkpoint.pack_linear(*args, **kwargs)``."""

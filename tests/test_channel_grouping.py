@@ -765,3 +765,33 @@ def test_fast_allocator_equals_the_reference_when_no_total_is_accepted() -> None
         old = ref.reference_allocate_bits(col, labels, [2, 16], target)
         assert abs(new.col_bits.double().mean() - target) > 0.01  # the closest-total fallback
         assert new.group_bits == old.group_bits and torch.equal(new.labels, old.labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("seed", range(6))
+def test_kmeans_cuda_graphs_give_the_eager_result(seed, monkeypatch):
+    import channel_grouping as cg
+    g = torch.Generator().manual_seed(seed)
+    n = [600, 3000, 5120][seed % 3]
+    centres = torch.randn(8, 8, generator=g)
+    Y = centres[torch.randint(0, 8, (n,), generator=g)] + (0.5 + seed) * torch.randn(n, 8, generator=g)
+    Y[: n // 10] = Y[0]                                     # duplicates: clusters may empty
+    Y = (Y / Y.norm(dim=1, keepdim=True)).cuda()
+    graphed = cg.kmeans(Y, 8, seed=seed)
+    monkeypatch.setattr(cg, "KMEANS_CUDA_GRAPHS", False)
+    eager = cg.kmeans(Y, 8, seed=seed)
+    assert torch.equal(graphed, eager)
+
+
+def test_allocation_in_threads_equals_the_serial_allocation(monkeypatch):
+    import channel_grouping as cg
+    g = torch.Generator().manual_seed(3)
+    d = 1500
+    labels = torch.randint(0, 8, (d,), generator=g)
+    errs = torch.rand(d, 5, generator=g, dtype=torch.float64).sort(dim=1, descending=True).values
+    results = []
+    for threshold in (1, 10**9):
+        monkeypatch.setattr(cg, "ALLOC_THREADS_MIN_D", threshold)
+        results.append(cg.allocate_bits(errs, labels, [2, 3, 4, 6, 8], 3.3))
+    assert torch.equal(results[0].col_bits, results[1].col_bits) and torch.equal(results[0].labels, results[1].labels)
+    assert results[0].group_bits == results[1].group_bits and results[0].est_error == results[1].est_error
