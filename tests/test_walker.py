@@ -115,73 +115,50 @@ def test_windows_rejects_short_stream():
         eval_ppl.windows(torch.arange(10).unsqueeze(0), 16)
 
 
-# --- LayerMover: staged moves between host and device --------------------------------------------
+# --- moves between host and device keep the layer's own CPU storage ---------------------------------
 
 def _snapshot(model):
     return {k: (v.clone(), v.data_ptr()) for k, v in model.model.layers.state_dict(keep_vars=True).items()}
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_layer_mover_writes_back_into_the_same_cpu_storage(device):
-    from walker import LayerMover
+@pytest.mark.parametrize("writeback", [True, False])
+def test_moves_write_back_into_the_same_cpu_storage(writeback):
+    from walker import _to_device, _to_host
     model = tiny_llama()
     before = _snapshot(model)
-    layers = list(model.model.layers)
-    mover = LayerMover(layers, torch.device(device))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     replaced = {}
-    try:
-        for i, layer in enumerate(layers):
-            mover.load(i)
-            for name, p in layer.named_parameters():
-                assert p.device.type == torch.device(device).type
-                assert p.data_ptr() != before[f"{i}.{name}"][1]          # a view of the device block
-                torch.testing.assert_close(p.data.cpu(), before[f"{i}.{name}"][0], rtol=0, atol=0)
-            layer.self_attn.q_proj.weight.data.mul_(2.0)                 # changed in place
-            new = torch.full_like(layer.mlp.down_proj.weight.data, float(i + 1))
-            layer.mlp.down_proj.weight.data = new                        # given new storage
-            replaced[i] = new.cpu()
-            mover.unload(i)
-            assert layer.self_attn.q_proj.weight.device.type == "cpu"
-    finally:
-        mover.close()
+    for i, layer in enumerate(model.model.layers):
+        moved = _to_device(layer, device)
+        for name, p in layer.named_parameters():
+            assert p.device.type == device.type
+            assert torch.equal(p.data.cpu(), before[f"{i}.{name}"][0])
+            if device.type == "cuda":
+                assert p.data_ptr() != before[f"{i}.{name}"][1]
+        layer.self_attn.q_proj.weight.data.mul_(2.0)                    # changed in place
+        new = torch.full_like(layer.mlp.down_proj.weight.data, float(i + 1))
+        layer.mlp.down_proj.weight.data = new                           # given new storage
+        replaced[i] = new.cpu()
+        _to_host(moved, writeback)
     after = model.model.layers.state_dict(keep_vars=True)
     for key, (old, ptr) in before.items():
         assert after[key].data_ptr() == ptr, key                        # the layer's own CPU storage again
         i = int(key.split(".")[0])
-        if key.endswith("self_attn.q_proj.weight"):
-            expected = old * 2.0
-        elif key.endswith("mlp.down_proj.weight"):
+        expected = old
+        if (writeback or device.type == "cpu") and key.endswith("self_attn.q_proj.weight"):
+            expected = old * 2.0   # on the CPU the "device" tensor is the host tensor itself
+        elif writeback and key.endswith("mlp.down_proj.weight"):
             expected = replaced[i]
-        else:
-            expected = old
         assert torch.equal(after[key].data, expected), key
 
 
-def test_layer_mover_without_writeback_and_out_of_order_loads():
-    from walker import LayerMover
-    model = tiny_llama()
-    before = _snapshot(model)
-    layers = list(model.model.layers)
-    mover = LayerMover(layers, torch.device("cpu"))
-    try:
-        for i in (1, 0, 1):   # not the order read ahead: each load fetches what it needs
-            mover.load(i)
-            layers[i].mlp.up_proj.weight.data.add_(1.0)
-            mover.unload(i, writeback=False)
-    finally:
-        mover.close()
-    for key, value in model.model.layers.state_dict().items():
-        assert torch.equal(value, before[key][0]), key
-
-
-def test_layer_mover_moves_shared_tensors_with_module_to():
-    from walker import LayerMover
-    model = tiny_llama()
-    layers = list(model.model.layers)
-    layers[1].input_layernorm.weight = layers[0].input_layernorm.weight   # shared across layers
-    mover = LayerMover(layers, torch.device("cpu"))
-    mover.close()
-    assert mover.plans[0] is None and mover.plans[1] is None
+def test_a_tensor_changing_shape_on_the_device_is_refused():
+    from walker import _to_device, _to_host
+    layer = tiny_llama().model.layers[0]
+    moved = _to_device(layer, torch.device("cpu"))
+    layer.mlp.up_proj.weight.data = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match="changed"):
+        _to_host(moved, writeback=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
