@@ -708,7 +708,44 @@ def _min_error_by_cost(costs: np.ndarray, errors: np.ndarray, cap: int) -> tuple
     return dp, choice
 
 
-def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], target_avg: float) -> BitAllocation:
+def _min_error_by_cost_all(costs: np.ndarray, errors: np.ndarray, cap: int,
+                           device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """``_min_error_by_cost`` of every group's complement at once, as torch ops on ``device``.
+
+    # dp_g = knapsack over the groups h != g, in increasing h (row g skips its own step)
+
+    Row g of a [G, cap + 1] table runs the same float64 additions and minima, in the same order,
+    as ``_min_error_by_cost(costs[others], errors[others], cap)`` with others = [h != g], so the
+    tables are bitwise equal; all rows share each step's shift, so a step is a few tensor ops
+    (~220 kernels in all on a GPU, instead of G knapsacks in numpy on the host).
+
+    Returns dp: [G, cap + 1] float64 and choice: [G, G, cap + 1] int8, choice[g, h] the width index
+    of group h in row g's best combinations (choice[g, g] unused).
+    """
+    G, C = costs.shape
+    dp = torch.full((G, cap + 1), math.inf, dtype=torch.float64, device=device)
+    dp[:, 0] = 0.0
+    best, cand = torch.empty_like(dp), torch.empty_like(dp)
+    better = torch.empty(G, cap + 1, dtype=torch.bool, device=device)
+    choice = torch.zeros(G, G, cap + 1, dtype=torch.int8, device=device)
+    for h in range(G):
+        best.fill_(math.inf)
+        for c in range(C):
+            w = int(costs[h, c])
+            if w > cap:
+                continue
+            cand[:, :w] = math.inf
+            torch.add(dp[:, : cap + 1 - w], float(errors[h, c]), out=cand[:, w:])
+            torch.lt(cand, best, out=better)  # strict: ties keep the first (narrowest) width
+            choice[:, h].masked_fill_(better, c)
+            torch.minimum(best, cand, out=best)
+        best[h] = dp[h]  # row h leaves its own group out
+        dp, best = best, dp
+    return dp.cpu().numpy(), choice.cpu().numpy()
+
+
+def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], target_avg: float,
+                  device: torch.device | str | None = None) -> BitAllocation:
     """Widths per group, one group split between two widths, minimising the summed column errors at a target.
 
     # min sum_j col_errors[j, b_j]  s.t.  sum_j b_j ~= target * d,  b_j = b_g in each group g but one split group
@@ -731,13 +768,16 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
     an equality: a zero-error group takes budget only when nothing else can lower the error with it.
 
     Cost: G knapsacks of G - 1 groups over ~target * d costs, O(G^2 * C * target * d) vector work,
-    in numpy on the host with all (a, b, m) candidates of a split group at once.
+    in numpy on the host with all (a, b, m) candidates of a split group at once. ``device`` (a
+    CUDA device): the knapsacks run there, all G as one table (``_min_error_by_cost_all``, bitwise
+    the same tables), and the host keeps the candidates: 20 ms -> ~5 ms at d = 5120 on the H100.
     Guarantee: avg <= target + 0.01; |avg - target| <= 0.01 whenever one channel's step between
     consecutive widths is <= 0.02 * d bits (e.g. d >= 400 with an 8 -> 16 step).
 
     Args:
         col_errors: [d, len(bit_choices)] float (``column_errors``); labels: [d] int64, groups
-        0..G-1 all non-empty; target_avg: in [min, max] of bit_choices.
+        0..G-1 all non-empty; target_avg: in [min, max] of bit_choices; device: where the knapsacks
+        run as one torch table (None: numpy on the host, one knapsack per group).
     """
     bits_in = _check_bits(bit_choices)
     if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
@@ -801,7 +841,10 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
         if cap < 0:
             return None
         others = [h for h in range(G) if h != g]
-        dp, choice = _min_error_by_cost(costs[others], E[others], cap)  # dp: [cap + 1]
+        if tables is not None:  # row g of the tables of all groups (values at costs <= cap do not depend on cap)
+            dp, choice = tables[0][g, : cap + 1], tables[1][g, others, : cap + 1]
+        else:
+            dp, choice = _min_error_by_cost(costs[others], E[others], cap)  # dp: [cap + 1]
         cols = members[starts[g]:starts[g + 1]]  # cols: [n_g]
         gain = -np.sort(-(col_err[cols][:, A] - col_err[cols][:, B]), axis=0)  # gain: [n_g, P] descending
         saved = np.concatenate([np.zeros((1, len(pairs))), np.cumsum(gain, axis=0)]).T  # saved: [P, n_g + 1]
@@ -812,7 +855,12 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
 
     # The G split groups are independent: threads (numpy releases the GIL in the vector work).
     todo = range(G if len(pairs) else 0)  # one width: nothing to choose
-    if G > 1 and d >= ALLOC_THREADS_MIN_D:
+    tables = None
+    on_device = device is not None
+    if on_device and len(pairs):
+        max_cap = math.floor(target + 0.01 * d) - int(sizes.min()) * int(bits[0])
+        tables = _min_error_by_cost_all(costs, E, max_cap, torch.device(device)) if max_cap >= 0 else None
+    if G > 1 and d >= ALLOC_THREADS_MIN_D and not on_device:
         with ThreadPoolExecutor(max_workers=min(G, os.cpu_count() or 1)) as pool:
             per_group = [r for r in pool.map(split_group, todo) if r is not None]
     else:

@@ -291,7 +291,8 @@ def plan_quantization(cfg: CompressConfig, W: torch.Tensor, H: torch.Tensor, lab
         keep = ~sparsegpt.prune_mask(sparsegpt.wanda_scores(W, H), cfg.sparsity, cfg.prunen, cfg.prunem, per_row=True)
     col_errors = channel_grouping.column_errors(W.float(), h_diag, labels, cfg.n_groups, list(cfg.bit_choices), keep,
                                                 cfg.sym)
-    alloc = channel_grouping.allocate_bits(col_errors.cpu(), labels.cpu(), list(cfg.bit_choices), cfg.target_avg_bits)
+    alloc = channel_grouping.allocate_bits(col_errors.cpu(), labels.cpu(), list(cfg.bit_choices), cfg.target_avg_bits,
+                                           device=W.device if W.is_cuda else None)   # knapsacks on the GPU
     new_labels = alloc.labels.to(W.device)
     grid = quant.group_grid(W, new_labels, alloc.group_bits, cfg.sym)
     info = {"group_bits": list(alloc.group_bits), "group_sizes": torch.bincount(alloc.labels).tolist(),

@@ -795,3 +795,35 @@ def test_allocation_in_threads_equals_the_serial_allocation(monkeypatch):
         results.append(cg.allocate_bits(errs, labels, [2, 3, 4, 6, 8], 3.3))
     assert torch.equal(results[0].col_bits, results[1].col_bits) and torch.equal(results[0].labels, results[1].labels)
     assert results[0].group_bits == results[1].group_bits and results[0].est_error == results[1].est_error
+
+
+def test_knapsack_table_of_all_groups_is_bitwise_each_groups_knapsack():
+    from channel_grouping import _min_error_by_cost, _min_error_by_cost_all
+    rng = np.random.RandomState(4)
+    G, C = 6, 4
+    costs = rng.randint(1, 40, (G, 1)) * np.array([[2, 3, 4, 8]])
+    errors = rng.rand(G, C)
+    errors[2, 1] = errors[2, 0]                                     # a tie: the narrower width must win
+    cap = 300
+    dp_all, choice_all = _min_error_by_cost_all(costs, errors, cap, torch.device("cpu"))
+    for g in range(G):
+        others = [h for h in range(G) if h != g]
+        dp, choice = _min_error_by_cost(costs[others], errors[others], cap)
+        assert np.array_equal(dp_all[g], dp)                        # bitwise, inf included
+        assert np.array_equal(choice_all[g, others], choice)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_allocation_with_knapsack_tables_equals_the_numpy_allocation(seed):
+    g = torch.Generator().manual_seed(seed)
+    d = [300, 1500, 4000, 700][seed]
+    labels = torch.randint(0, 8, (d,), generator=g)
+    errs = torch.rand(d, 5, generator=g, dtype=torch.float64).sort(dim=1, descending=True).values
+    if seed == 3:
+        errs[labels == 2] = 0.0                                     # a zero-error group
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    ref = allocate_bits(errs, labels, [2, 3, 4, 6, 8], 3.3 + 0.2 * seed)
+    for device in devices:
+        res = allocate_bits(errs, labels, [2, 3, 4, 6, 8], 3.3 + 0.2 * seed, device=device)
+        assert torch.equal(res.col_bits, ref.col_bits) and torch.equal(res.labels, ref.labels)
+        assert res.group_bits == ref.group_bits and res.est_error == ref.est_error
