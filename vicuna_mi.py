@@ -377,7 +377,7 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
 
     Ws = [m.weight.data.float() for _, m in group]
     with timer("allocation"):
-        # The sub-layers of a fused group in threads: their knapsacks (numpy, GIL released) run in parallel.
+        # The sub-layers of a fused group in threads: one's host work (candidates, numpy) overlaps another's GPU work.
         with ThreadPoolExecutor(max_workers=len(Ws)) as pool:
             plans = list(pool.map(lambda W: plan_quantization(cfg, W, H, labels), Ws))
     start = time.perf_counter()
