@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import column_errors_kernel
 import quant
 
 __all__ = [
@@ -94,7 +93,6 @@ def _canonical(labels: Tensor, k: int) -> Tensor:
 
 
 CHECK_EVERY = 8  # products by M between Rayleigh-Ritz residual checks (even: two products per QR)
-EIGEN_CUDA_GRAPHS = True  # on CUDA, run the QR steps between two checks as one CUDA graph (_QRWindows)
 
 
 def _orthonormalize(Y: Tensor, cholesky: bool | None = None) -> Tensor:
@@ -131,7 +129,7 @@ def subspace_eigenvectors(
     M: Tensor,
     k: int,
     seed: int = 0,
-    n_iter: int = 400,
+    n_iter: int = 200,
     oversample: int = 20,
     tol: float = 1e-4,
 ) -> Tensor | None:
@@ -162,11 +160,9 @@ def subspace_eigenvectors(
     b = min(d, k + max(oversample, 0))
     g = torch.Generator().manual_seed(seed)
     Q = _orthonormalize(torch.randn(d, b, generator=g, dtype=torch.float32).to(device=M.device, dtype=M.dtype))
-    Z = M @ Q  # Z: [d, b] = M Q, the invariant of the loop (Q orthonormal)
     sigma = 0.0
-    windows = _QRWindows(M, Q, Z) if M.is_cuda and EIGEN_CUDA_GRAPHS else None
-    step = 2  # products by M so far, counted as in two per QR
-    while True:
+    for step in range(2, n_iter + 1, 2):
+        Z = M @ Q  # Z: [d, b]; Q is orthonormal here
         if step % CHECK_EVERY == 0 or step + 2 > n_iter:
             T = (Q.T @ Z).to(device="cpu", dtype=torch.float64)  # T: [b, b] Rayleigh quotient
             theta, U = torch.linalg.eigh(0.5 * (T + T.T))  # ascending; tiny, on the CPU (slow on a GPU)
@@ -178,94 +174,9 @@ def subspace_eigenvectors(
                 return V.contiguous()
             if b > k and float(theta[0]) < 0:
                 sigma = 0.5 * (float(theta[-k - 1]) + float(theta[0]))
-        if step + 2 > n_iter:
-            return None
-        n = min(CHECK_EVERY - step % CHECK_EVERY, n_iter - step) // 2  # QR steps to the next check
-        if windows is not None:
-            windows.run(n, sigma)
-        else:
-            for _ in range(n):
-                Q, Z = _qr_step(M, Q, Z, sigma)
-        step += 2 * n
-
-
-def _qr_step(M: Tensor, Q: Tensor, Z: Tensor, sigma: float | Tensor, eye: Tensor | None = None,
-             bad: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One step of the subspace iteration: (Q, Z = M Q) -> (Q', M Q'), Q' = qr((M - sigma I)^2 Q).
-
-    With eye and bad (on a GPU): the orthonormalisation runs on the device without host reads
-    (``_orthonormalize_on_device``), for a CUDA graph; bad becomes True where it failed.
-    """
-    Y = Z - sigma * Q  # Y: [d, b] = (M - sigma I) Q
-    Y = M @ Y - sigma * Y
-    Q = _orthonormalize(Y) if eye is None else _orthonormalize_on_device(Y, eye, bad)
-    return Q, M @ Q
-
-
-def _orthonormalize_on_device(Y: Tensor, eye: Tensor, bad: Tensor) -> Tensor:
-    """``_orthonormalize``'s Cholesky QR twice with every step on Y's device and no host read.
-
-    # G = Y^T Y = L L^T,  Q = Y L^-T   (twice; G and L in float64)
-
-    bad (a 0-d bool tensor) is set when a Cholesky fails or the result is not orthonormal to 1e-4
-    (or not finite); the caller then redoes the step with ``_orthonormalize``. eye: [b, b] float64.
-    """
-    Q = Y
-    for _ in range(2):
-        Qd = Q.to(torch.float64)
-        L, info = torch.linalg.cholesky_ex(Qd.T @ Qd)  # G: [b, b]
-        bad.logical_or_(info != 0)
-        Q = Q @ torch.linalg.solve_triangular(L, eye, upper=False).T.to(Y.dtype)  # Q: [d, b]
-    Qd = Q.to(torch.float64)
-    bad.logical_or_(~((Qd.T @ Qd - eye).abs().amax() <= 1e-4))  # NaN counts as bad
-    return Q
-
-
-class _QRWindows:
-    """The QR steps between two residual checks of ``subspace_eigenvectors`` on a GPU, as one CUDA graph.
-
-    Each step's ~20 small kernels (products, a float64 Gram matrix, Cholesky, triangular solve,
-    the orthonormality test) cost more to launch than to run at d ~ 5000; a captured window of
-    CHECK_EVERY / 2 steps is one launch. Q and Z are updated in place; sigma lives in a device
-    scalar. The first full window runs eagerly (warm-up) and the second is captured. One host read
-    per window: if any step's orthonormalisation failed, the window is redone from its start with
-    the host-checked ``_orthonormalize``, so results never rest on a failed Cholesky.
-    """
-
-    def __init__(self, M: Tensor, Q: Tensor, Z: Tensor):
-        self.M, self.Q, self.Z = M, Q, Z
-        self.sigma = torch.zeros((), dtype=M.dtype, device=M.device)
-        self.eye = torch.eye(Q.shape[1], dtype=torch.float64, device=M.device)
-        self.bad = torch.zeros((), dtype=torch.bool, device=M.device)
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.warm = False
-
-    def _steps(self, n: int) -> None:
-        Q, Z = self.Q, self.Z
-        for _ in range(n):
-            Q, Z = _qr_step(self.M, Q, Z, self.sigma, self.eye, self.bad)
-        self.Q.copy_(Q)
-        self.Z.copy_(Z)
-
-    def run(self, n: int, sigma: float) -> None:
-        start = (self.Q.clone(), self.Z.clone())
-        self.sigma.fill_(sigma)
-        self.bad.fill_(False)
-        if n == CHECK_EVERY // 2 and self.warm:
-            if self.graph is None:
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self._steps(n)
-            self.graph.replay()
-        else:
-            self._steps(n)
-            self.warm = self.warm or n == CHECK_EVERY // 2
-        if bool(self.bad):
-            Q, Z = start
-            for _ in range(n):
-                Q, Z = _qr_step(self.M, Q, Z, sigma)
-            self.Q.copy_(Q)
-            self.Z.copy_(Z)
+        Y = Z - sigma * Q  # Y: [d, b] = (M - sigma I) Q
+        Q = _orthonormalize(M @ Y - sigma * Y)
+    return None
 
 
 def top_eigenvectors(
@@ -273,7 +184,7 @@ def top_eigenvectors(
     k: int,
     seed: int = 0,
     eigh_max_dim: int = 2048,
-    n_iter: int = 400,
+    n_iter: int = 200,
     oversample: int = 20,
 ) -> Tensor:
     """Eigenvectors of the k algebraically largest eigenvalues of a symmetric M.
@@ -283,11 +194,10 @@ def top_eigenvectors(
     d <= eigh_max_dim: dense ``torch.linalg.eigh``. Otherwise ``subspace_eigenvectors`` (matmuls
     only, fast on a GPU), falling back to the dense eigh when it has not converged after
     ``n_iter`` products by M (a small eigengap, or negative eigenvalues as large as the wanted ones).
-    The defaults (20 extra vectors, 400 products) come from the hardest spectrum we meet, the
-    random-weight Vicuna-13B inputs, where lambda_2..lambda_30 lie within 3% of each other: the
-    residual check passes after 100-200 products at d = 5120 and 13824, but one start of six
-    needed more than 200 at d = 13824 (and converged within 400, in 174 ms), where the dense eigh
-    fallback costs 2.1 s on the H100.
+    The defaults (20 extra vectors, 200 products) come from the hardest spectrum we meet, the
+    random-weight Vicuna-13B inputs, where lambda_2..lambda_20 lie within 6% of each other: the
+    residual check passes after ~100 products at d = 5120 and 13824 (134 with 10 extra vectors),
+    where the dense eigh fallback costs 2 s on the H100 at d = 13824.
 
     Args:
         M: [d, d] symmetric float.
@@ -566,7 +476,7 @@ def spectral_cluster(
     seed: int = 0,
     *,
     eigh_max_dim: int | None = None,
-    n_iter: int = 400,
+    n_iter: int = 200,
     oversample: int = 20,
     n_init: int = 4,
     silhouette_samples: int = 2048,
@@ -679,7 +589,6 @@ def column_errors(
     bit_choices: list[int],
     keep_mask: Tensor | None = None,
     sym: bool = False,
-    fused: bool | None = None,
 ) -> Tensor:
     """Hessian-diagonal-weighted quantisation error of each input channel at each width.
 
@@ -689,9 +598,7 @@ def column_errors(
     SparseGPT gets from ``quant.group_grid`` when the whole group has width b. Width 16 =
     unquantised (0). With keep_mask, pruned weights are left out of the sum only; the grid range
     still covers the dense W. A group's error is the sum of its columns' errors. Computed in
-    float32, summed in float64. fused (None: where it can run, i.e. on CUDA with Triton): one
-    Triton launch (``column_errors_kernel``) with the same float32 values, summed over the rows
-    in another order; False: the PyTorch passes below (the CPU path and the reference).
+    float32, summed in float64.
 
     Args:
         W: [out, in]; h_diag: [in] (>= 0); labels: [in] int64 in [0, n_groups);
@@ -727,17 +634,6 @@ def column_errors(
     if not widths or out_f == 0 or in_f == 0:
         return errors
     xmin, xmax = quant.group_ranges(Wf, lab, n_groups)  # [out, n_groups]: the same for every width
-    if fused is None:
-        fused = column_errors_kernel.usable(Wf)
-    if fused:
-        if not column_errors_kernel.usable(Wf):
-            raise ValueError("the fused column errors need CUDA and Triton (or TRITON_INTERPRET=1 on the CPU)")
-        grids = [quant.group_scales(xmin, xmax, [b] * n_groups, sym) for _, b in widths]
-        sums = column_errors_kernel.column_error_sums(
-            Wf, h_row[0], lab, torch.stack([g[0] for g in grids]), torch.stack([g[1] for g in grids]),
-            torch.stack([g[2][0] for g in grids]), keep_mask)  # sums: [in, widths]
-        errors[:, [c for c, _ in widths]] = sums
-        return errors
     # Row blocks small enough to stay in the CPU caches (one block on a GPU). Every element gets the
     # float32 operations of quant.quantize on quant.group_grid's grid, and the float64 sum over the
     # rows runs on the whole matrix (as sum(dtype=float64) does after converting it): bitwise equal.

@@ -783,28 +783,6 @@ def test_kmeans_cuda_graphs_give_the_eager_result(seed, monkeypatch):
     assert torch.equal(graphed, eager)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("case", ["realistic", "negative", "no room"])
-def test_eigen_cuda_graphs_find_the_eager_subspace(case, monkeypatch):
-    import channel_grouping as cg
-    d, k = 1200, 8
-    lam = _realistic_spectrum(d, k)
-    if case != "realistic":
-        lam = torch.cat([torch.linspace(1.0, 0.5, k, dtype=torch.float64), torch.full((20,), -0.9, dtype=torch.float64),
-                         torch.linspace(0.2, -0.2, d - k - 20, dtype=torch.float64)])
-    M, Q = _with_spectrum(lam, seed=9)
-    M = M.cuda()
-    oversample = 0 if case == "no room" else 20
-    graphed = cg.subspace_eigenvectors(M, k, oversample=oversample)
-    monkeypatch.setattr(cg, "EIGEN_CUDA_GRAPHS", False)
-    eager = cg.subspace_eigenvectors(M, k, oversample=oversample)
-    if case == "no room":   # both must see that the negative eigenvectors took the block
-        assert graphed is None and eager is None
-        return
-    assert graphed is not None and eager is not None
-    assert _min_cos(graphed, eager) > 0.9999 and _min_cos(graphed, Q[:, :k].cuda()) > 0.9999
-
-
 def test_allocation_in_threads_equals_the_serial_allocation(monkeypatch):
     import channel_grouping as cg
     g = torch.Generator().manual_seed(3)

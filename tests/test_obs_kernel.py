@@ -4,8 +4,6 @@
   weights, unstructured and N:M, with mixed widths, 16-bit columns, fused sub-layers and a short last
   block. On the CPU it runs under Triton's interpreter; without Triton these tests are skipped. On a
   CUDA machine the compiled kernel is checked too.
-- The fused column errors (column_errors_kernel, Triton) against the PyTorch passes of
-  channel_grouping.column_errors: the same float32 values, float64 sums in another order.
 - Shared statistics/propagate passes of LLaMA-style layers against the walker's generic passes.
 """
 import copy
@@ -19,8 +17,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-import channel_grouping
-import column_errors_kernel
 import obs_kernel
 import vicuna_mi
 from quant import QGrid, group_grid
@@ -117,87 +113,6 @@ def test_compiled_kernel_equals_plain_loop_on_cuda(case):
     plain, fused = solve_both(W, H, grid, device="cuda", **CASES[case])
     assert torch.equal(plain.mask, fused.mask)
     assert ((fused.weight - plain.weight).norm() / plain.weight.norm()).item() < 1e-5
-
-
-COLERR_CASES = {   # name: (rows, cols, groups, bits, sym, keep, row splits or None)
-    "asym": (70, 150, 6, [2, 3, 4, 8, 16], False, False, None),
-    "asym+keep": (70, 150, 6, [2, 3, 4, 8, 16], False, True, None),
-    "sym+keep": (70, 150, 6, [3, 4], True, True, None),
-    "row splits": (130, 90, 4, [2, 4, 6], False, True, 3),
-    "only 16 bits": (20, 40, 2, [16], False, False, None),
-}
-
-
-def colerr_problem(rows, cols, groups, seed=0):
-    """W with per-column scales, an all-positive and an all-zero group; h with a zero; a kept mask."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g) * torch.rand(cols, generator=g) * 3
-    labels = torch.arange(cols) % groups
-    W[:, labels == 1] = W[:, labels == 1].abs() + 0.5
-    W[:, labels == groups - 1] = 0.0
-    h = torch.rand(cols, generator=g)
-    h[0] = 0.0
-    return W, h, labels, torch.rand(rows, cols, generator=g) > 0.4
-
-
-def colerr_both(case, device="cpu"):
-    rows, cols, groups, bits, sym, keep, splits = COLERR_CASES[case]
-    W, h, labels, kept = (t.to(device) for t in colerr_problem(rows, cols, groups))
-    args = (W, h, labels, groups, bits, kept if keep else None, sym)
-    plain = channel_grouping.column_errors(*args, fused=False)
-    if splits is None:
-        return plain, channel_grouping.column_errors(*args, fused=True)
-    xmin, xmax = channel_grouping.quant.group_ranges(W, labels, groups)
-    grids = [channel_grouping.quant.group_scales(xmin, xmax, [b] * groups, sym) for b in bits]
-    fused = column_errors_kernel.column_error_sums(W, h, labels, torch.stack([g[0] for g in grids]),
-                                                   torch.stack([g[1] for g in grids]),
-                                                   torch.stack([g[2][0] for g in grids]), kept, splits=splits)
-    return plain, fused
-
-
-def colerr_interpreter_results() -> dict:
-    """{case: (largest relative difference, plain errors all finite and >= 0)} with the kernel in the interpreter."""
-    out = {}
-    for case in COLERR_CASES:
-        plain, fused = colerr_both(case)
-        rel = ((fused - plain).abs() / plain.abs().clamp_min(1e-300)).max().item() if plain.numel() else 0.0
-        out[case] = (rel, bool((plain >= 0).all()), bool(torch.equal(plain == 0, fused == 0)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def colerr_interpreted():
-    if not obs_kernel.triton_available():
-        pytest.skip("Triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    code = "import json, tests.test_obs_kernel as t; print(json.dumps(t.colerr_interpreter_results()))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("case", COLERR_CASES)
-def test_fused_column_errors_equal_the_plain_passes_in_the_interpreter(case, colerr_interpreted):
-    rel, nonneg, same_zeros = colerr_interpreted[case]
-    assert nonneg and same_zeros
-    assert rel <= 1e-12   # the same float32 values; only the order of the float64 sums differs
-
-
-def test_fused_column_errors_refuse_what_they_cannot_run():
-    W, h, labels, _ = colerr_problem(8, 16, 2)
-    with pytest.raises(ValueError, match="fused column errors"):
-        channel_grouping.column_errors(W.double(), h, labels, 2, [4], fused=True)
-    if not obs_kernel.interpreting():
-        with pytest.raises(ValueError, match="fused column errors"):
-            channel_grouping.column_errors(W, h, labels, 2, [4], fused=True)
-
-
-@pytest.mark.skipif(not (torch.cuda.is_available() and obs_kernel.triton_available()), reason="needs CUDA and Triton")
-@pytest.mark.parametrize("case", COLERR_CASES)
-def test_compiled_column_errors_equal_the_plain_passes_on_cuda(case):
-    plain, fused = colerr_both(case, device="cuda")
-    assert torch.equal(plain == 0, fused == 0)
-    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=0)
 
 
 TINY = dict(vocab_size=128, num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
