@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -331,10 +332,11 @@ def _fill_empty(X: Tensor, labels: Tensor, centers: Tensor, k: int) -> Tensor:
     return labels
 
 
-def _lloyd_steps(X: Tensor, Xa: Tensor, C: Tensor, done: Tensor, tol: float, n: int) -> tuple[Tensor, Tensor]:
+def _lloyd_steps(X: Tensor, Xa: Tensor, C: Tensor, done: Tensor, tol: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """n Lloyd iterations of every restart, in place on C [r, k, f] and done [r]; a done restart keeps its centres.
 
-    Returns the last iteration's labels [r, n] and cluster sizes [r, k]. No host reads (CUDA-graph safe).
+    tol: 0-dim tensor on X's device. Returns the last iteration's labels [r, n] and cluster sizes
+    [r, k]. No host reads (CUDA-graph safe).
     """
     for _ in range(n):
         labels = _assign(X, C)  # labels: [r, n]
@@ -343,6 +345,50 @@ def _lloyd_steps(X: Tensor, Xa: Tensor, C: Tensor, done: Tensor, tol: float, n: 
         C.copy_(torch.where(done.view(-1, 1, 1), C, C_new))
         done.logical_or_(shift <= tol)
     return labels, counts
+
+
+class _LloydGraph:
+    """A window of KMEANS_CHECK_EVERY Lloyd iterations captured as one CUDA graph, for one problem shape.
+
+    The graph reads and writes its own buffers (points, centres, flags, tol); each call copies its
+    problem in, so a graph is captured once per shape and process instead of once per call (a
+    capture cost ~20 ms, more than the launches it saves at d ~ 1e3).
+    """
+
+    def __init__(self, X: Tensor, Xa: Tensor, C: Tensor):
+        self.X, self.Xa, self.C = torch.empty_like(X), torch.empty_like(Xa), torch.empty_like(C)
+        self.done = torch.zeros(C.shape[0], dtype=torch.bool, device=X.device)
+        self.tol = torch.zeros((), dtype=X.dtype, device=X.device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.out: tuple[Tensor, Tensor] = ()  # type: ignore[assignment]
+
+    def load(self, X: Tensor, Xa: Tensor, C: Tensor, tol: float) -> None:
+        self.X.copy_(X), self.Xa.copy_(Xa), self.C.copy_(C), self.done.zero_(), self.tol.fill_(tol)
+
+    def replay(self) -> tuple[Tensor, Tensor]:
+        """One window on the buffers; the first call (after an eager window: warm-up) captures it."""
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = _lloyd_steps(self.X, self.Xa, self.C, self.done, self.tol, KMEANS_CHECK_EVERY)
+        self.graph.replay()
+        return self.out
+
+
+_LLOYD_GRAPHS: "OrderedDict[tuple, _LloydGraph]" = OrderedDict()  # (device, dtype, n, f, r, k) -> graph, LRU
+LLOYD_GRAPHS_KEPT = 8  # shapes whose graphs stay captured (a model has ~4 input widths)
+
+
+def _lloyd_graph(X: Tensor, C: Tensor) -> tuple[_LloydGraph, bool]:
+    """The cached graph of this shape (created empty if new) and whether it is already captured."""
+    key = (X.device, X.dtype, X.shape[0], X.shape[1], KMEANS_CHECK_EVERY, *C.shape)
+    g = _LLOYD_GRAPHS.pop(key, None)
+    if g is None:
+        g = _LloydGraph(X, torch.cat([X, torch.ones_like(X[:, :1])], 1), C)
+        while len(_LLOYD_GRAPHS) >= LLOYD_GRAPHS_KEPT:
+            _LLOYD_GRAPHS.popitem(last=False)
+    _LLOYD_GRAPHS[key] = g
+    return g, g.graph is not None
 
 
 def _lloyd(X: Tensor, C: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
@@ -355,9 +401,9 @@ def _lloyd(X: Tensor, C: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Ten
     centre, and at each check (every KMEANS_CHECK_EVERY iterations, the only host reads) the
     restarts still running that hold an empty cluster get ``_fill_empty`` and their centres
     recomputed. Freezing makes the result independent of how often the flags are read (when no
-    cluster empties). On CUDA the checks' windows after the first run as one captured CUDA graph
-    (KMEANS_CUDA_GRAPHS): one launch instead of ~20 small kernels per iteration, the same kernels
-    on the same values.
+    cluster empties). On CUDA the full windows run as one CUDA graph (KMEANS_CUDA_GRAPHS), captured
+    once per shape (``_LloydGraph``, after one eager window the first time): one launch instead of
+    ~20 small kernels per iteration, the same kernels on the same values.
 
     Args:
         X: [n, f], C: [r, k, f] initial centres, tol: absolute tolerance on the summed squared shift.
@@ -366,21 +412,22 @@ def _lloyd(X: Tensor, C: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Ten
     """
     k = C.shape[1]
     Xa = torch.cat([X, torch.ones_like(X[:, :1])], 1)  # Xa: [n, f + 1]
-    C = C.clone()  # C: [r, k, f] centres, updated in place (a frozen restart's stay as they are)
-    done = torch.zeros(C.shape[0], dtype=torch.bool, device=X.device)
-    graph: Optional[torch.cuda.CUDAGraph] = None
+    graph, captured = None, False
+    if X.is_cuda and KMEANS_CUDA_GRAPHS and max_iter >= KMEANS_CHECK_EVERY:
+        graph, captured = _lloyd_graph(X, C)
+        graph.load(X, Xa, C, tol)
+        X, Xa, C, done, tol_t = graph.X, graph.Xa, graph.C, graph.done, graph.tol  # work in the graph's buffers
+    else:
+        C = C.clone()  # C: [r, k, f] centres, updated in place (a frozen restart's stay as they are)
+        done = torch.zeros(C.shape[0], dtype=torch.bool, device=X.device)
+        tol_t = torch.tensor(tol, dtype=X.dtype, device=X.device)
     it = 0
     while True:
         n = min(KMEANS_CHECK_EVERY, max_iter - it)
-        if X.is_cuda and KMEANS_CUDA_GRAPHS and it > 0 and n == KMEANS_CHECK_EVERY:
-            if graph is None:  # captured once: the first window ran eagerly (warm-up)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    graph_out = _lloyd_steps(X, Xa, C, done, tol, n)
-            graph.replay()
-            labels, counts = graph_out
+        if graph is not None and n == KMEANS_CHECK_EVERY and (captured or it > 0):
+            labels, counts = graph.replay()
         else:
-            labels, counts = _lloyd_steps(X, Xa, C, done, tol, n)
+            labels, counts = _lloyd_steps(X, Xa, C, done, tol_t, n)
         it += n
         flags = torch.stack([done, (counts == 0).any(1)]).cpu()  # flags: [2, r] (the one host read)
         keep = torch.nonzero(~flags[0]).flatten()  # keep: restarts still running
@@ -388,7 +435,7 @@ def _lloyd(X: Tensor, C: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Ten
             break
         for j in keep[flags[1][keep]].tolist():  # running restarts with an empty cluster
             C[j] = _centroids(Xa, _fill_empty(X, labels[j], C[j], k).unsqueeze(0), C[j : j + 1])[0][0]
-    return _assign(X, C), C
+    return _assign(X, C), C.clone()
 
 
 def kmeans(X: Tensor, k: int, seed: int = 0, n_init: int = 4) -> Tensor:
@@ -488,7 +535,7 @@ def spectral_cluster(
     Steps: symmetrise, clamp >= 0 and zero the diagonal of A (self-affinity unused; binned MI puts
     entropies there); add eps = 1e-3 * mean(A) (1 if A == 0) to every entry so isolated /
     zero-degree channels are still connected; top-n_groups eigenvectors (``top_eigenvectors``:
-    dense eigh for d <= eigh_max_dim (default 512 on the CPU, 256 on a GPU), subspace iteration
+    dense eigh for d <= eigh_max_dim (default 512 on the CPU, 2048 on a GPU), subspace iteration
     with a residual check above, eigh if it does not converge); row-normalise; k-means
     (``kmeans``). The silhouette is computed in that row-normalised spectral embedding on a random
     subsample of at most ``silhouette_samples`` channels (deterministic from seed).
@@ -502,29 +549,29 @@ def spectral_cluster(
         raise ValueError(f"affinity must be square [d, d], got {tuple(affinity.shape)}")
     d = affinity.shape[0]
     _check_k(d, n_groups)
-    _check_finite("affinity", affinity)
     device = affinity.device
+    A = affinity.to(torch.float32)
+    asym = A - A.T  # asym: [d, d] (the only transposed pass; matters for d ~ 1e4 on CPU)
+    finite, lo, hi, alo, ahi = torch.stack([torch.isfinite(affinity).all().float(), *torch.aminmax(A),
+                                            *torch.aminmax(asym)]).tolist()  # one host read
+    if not finite:
+        raise ValueError("affinity contains NaN or Inf")
     if n_groups == 1:
         return Grouping(torch.zeros(d, dtype=torch.int64, device=device), float("nan"))
-    A = affinity.to(torch.float32)
-    lo, hi = (float(v) for v in torch.aminmax(A))
     amax = max(hi, -lo)
     if lo < -1e-6 * amax - 1e-12:
         raise ValueError("affinity must be non-negative")
-    asym = A - A.T  # asym: [d, d] (the only transposed pass; matters for d ~ 1e4 on CPU)
-    alo, ahi = (float(v) for v in torch.aminmax(asym))
     if max(ahi, -alo) > 1e-4 * amax + 1e-6:
         raise ValueError("affinity must be symmetric")
     A = torch.sub(A, asym, alpha=0.5).clamp_min_(0.0)  # A: [d, d] = (A + A^T) / 2, a fresh tensor
     del asym
     A.fill_diagonal_(0.0)
-    mean = float(A.mean())
-    eps = 1e-3 * mean if mean > 0 else 1.0
-    A.add_(eps)
+    mean = A.mean().double()  # on the device: no host read
+    A.add_(torch.where(mean > 0, 1e-3 * mean, 1.0))  # eps = 1e-3 mean(A) (1 if A == 0)
     s = A.sum(1).rsqrt()  # s: [d] = D^-1/2 (degrees >= d * eps > 0)
     A.mul_(s[:, None]).mul_(s[None, :])  # A is now M: [d, d]
-    if eigh_max_dim is None:  # a dense eigh is cheap on the CPU but slow on a GPU, where matmuls are cheap
-        eigh_max_dim = 512 if device.type == "cpu" else 256
+    if eigh_max_dim is None:  # H100, SmolLM2 inputs: dense eigh 6 ms vs 7-20 ms iterating at d = 576, 19 vs 13-34 ms at 1536
+        eigh_max_dim = 512 if device.type == "cpu" else 2048
     V = top_eigenvectors(A, n_groups, seed=seed, eigh_max_dim=eigh_max_dim, n_iter=n_iter, oversample=oversample)
     del A
     # k-means and the silhouette run where the embedding lives (batched restarts, few host reads).
@@ -615,15 +662,20 @@ def column_errors(
         raise ValueError(f"labels must be an integer tensor [{in_f}], got {labels.dtype} {tuple(labels.shape)}")
     if n_groups < 1:
         raise ValueError(f"n_groups must be >= 1, got {n_groups}")
-    if in_f > 0 and (int(labels.min()) < 0 or int(labels.max()) >= n_groups):
-        raise ValueError(f"labels must lie in [0, {n_groups})")
     if keep_mask is not None and (keep_mask.shape != W.shape or keep_mask.dtype != torch.bool):
         raise ValueError(f"keep_mask must be bool [{out_f}, {in_f}], got {keep_mask.dtype} {tuple(keep_mask.shape)}")
     bits = _check_bits(bit_choices)
-    _check_finite("W", W)
-    _check_finite("h_diag", h_diag)
-    if in_f > 0 and float(h_diag.min()) < 0:
-        raise ValueError("h_diag must be non-negative")
+    if in_f > 0:  # one host read for all the checks (each read waits for the device)
+        lab_lo, lab_hi, w_ok, h_ok, h_lo = torch.stack([t.double().to(W.device) for t in (
+            labels.min(), labels.max(), torch.isfinite(W).all(), torch.isfinite(h_diag).all(), h_diag.min())]).tolist()
+        if lab_lo < 0 or lab_hi >= n_groups:
+            raise ValueError(f"labels must lie in [0, {n_groups})")
+        if not w_ok:
+            raise ValueError("W contains NaN or Inf")
+        if not h_ok:
+            raise ValueError("h_diag contains NaN or Inf")
+        if h_lo < 0:
+            raise ValueError("h_diag must be non-negative")
 
     device = W.device
     Wf = W.to(torch.float32)  # Wf: [out, in]
@@ -634,6 +686,9 @@ def column_errors(
     if not widths or out_f == 0 or in_f == 0:
         return errors
     xmin, xmax = quant.group_ranges(Wf, lab, n_groups)  # [out, n_groups]: the same for every width
+    # The grids of every width at once (elementwise: the values group_scales gives width by width).
+    maxq_w = torch.tensor([2.0 ** b - 1 for _, b in widths], dtype=torch.float32).to(device, non_blocking=True)
+    scale_w, zero_w = quant.scales_from_ranges(xmin, xmax, maxq_w, sym)  # [widths, out, n_groups]
     # Row blocks small enough to stay in the CPU caches (one block on a GPU). Every element gets the
     # float32 operations of quant.quantize on quant.group_grid's grid, and the float64 sum over the
     # rows runs on the whole matrix (as sum(dtype=float64) does after converting it): bitwise equal.
@@ -642,9 +697,8 @@ def column_errors(
     t_buf = torch.empty(min(block, out_f), in_f, dtype=torch.float32, device=device)  # scratch: [block, in]
     s_buf, z_buf = torch.empty_like(t_buf), torch.empty_like(t_buf)
     w_buf = h_row if keep_mask is None else torch.empty_like(t_buf)
-    for c, b in widths:
-        scale_g, zero_g, maxq_g = quant.group_scales(xmin, xmax, [b] * n_groups, sym)  # [out, n_groups]
-        maxq = float(maxq_g[0])
+    for i, (c, b) in enumerate(widths):
+        scale_g, zero_g, maxq = scale_w[i], zero_w[i], 2.0 ** b - 1  # [out, n_groups], float(maxq)
         for r0 in range(0, out_f, block):
             r1 = min(r0 + block, out_f)
             n = r1 - r0
@@ -713,34 +767,31 @@ def _min_error_by_cost_all(costs: np.ndarray, errors: np.ndarray, cap: int,
     """``_min_error_by_cost`` of every group's complement at once, as torch ops on ``device``.
 
     # dp_g = knapsack over the groups h != g, in increasing h (row g skips its own step)
+    # step h: cand[g, c, x] = dp[g, x - costs[h, c]] + errors[h, c];  dp[g, x] <- min_c cand[g, c, x]
 
-    Row g of a [G, cap + 1] table runs the same float64 additions and minima, in the same order,
-    as ``_min_error_by_cost(costs[others], errors[others], cap)`` with others = [h != g], so the
-    tables are bitwise equal; all rows share each step's shift, so each of the G * C steps is five
-    tensor ops over all rows, instead of G knapsacks in numpy on the host.
+    Row g of a [G, cap + 1] table runs the same float64 additions and minima as
+    ``_min_error_by_cost(costs[others], errors[others], cap)`` with others = [h != g], so the
+    tables are bitwise equal: a minimum is exact whatever the order, and the first width of least
+    error wins as there (strict comparisons keep the narrowest). Each group's step is a few tensor
+    ops over all rows and widths (the shifted reads as one gather), not a loop over widths.
 
     Returns dp: [G, cap + 1] float64 and choice: [G, G, cap + 1] int8, choice[g, h] the width index
     of group h in row g's best combinations (choice[g, g] unused).
     """
     G, C = costs.shape
+    x = torch.arange(cap + 1, device=device)
+    shift = x - torch.from_numpy(np.ascontiguousarray(costs)).to(device, non_blocking=True).unsqueeze(2)  # [G, C, cap+1] = x - cost
+    err = torch.from_numpy(np.ascontiguousarray(errors, dtype=np.float64)).to(device, non_blocking=True)  # [G, C]
     dp = torch.full((G, cap + 1), math.inf, dtype=torch.float64, device=device)
     dp[:, 0] = 0.0
-    best, cand = torch.empty_like(dp), torch.empty_like(dp)
-    better = torch.empty(G, cap + 1, dtype=torch.bool, device=device)
     choice = torch.zeros(G, G, cap + 1, dtype=torch.int8, device=device)
     for h in range(G):
-        best.fill_(math.inf)
-        for c in range(C):
-            w = int(costs[h, c])
-            if w > cap:
-                continue
-            cand[:, :w] = math.inf
-            torch.add(dp[:, : cap + 1 - w], float(errors[h, c]), out=cand[:, w:])
-            torch.lt(cand, best, out=better)  # strict: ties keep the first (narrowest) width
-            choice[:, h].masked_fill_(better, c)
-            torch.minimum(best, cand, out=best)
+        cand = dp[:, shift[h].clamp(min=0)].add_(err[h].view(1, C, 1))  # cand: [G, C, cap + 1]
+        cand.masked_fill_((shift[h] < 0).unsqueeze(0), math.inf)  # costs above x (all of x for a width above cap)
+        best, c = cand.min(dim=1)  # best: [G, cap + 1]; c: the first width of least error
+        choice[:, h] = c.to(torch.int8)
         best[h] = dp[h]  # row h leaves its own group out
-        dp, best = best, dp
+        dp = best
     return dp.cpu().numpy(), choice.cpu().numpy()
 
 

@@ -94,6 +94,15 @@ def group_ranges(W: torch.Tensor, labels: torch.Tensor, n_groups: int) -> tuple[
     return xmin, xmax
 
 
+def scales_from_ranges(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grids of several widths at once: scale, zero [widths, out, groups] from ranges [out, groups], maxq [widths].
+
+    Elementwise, so each width's slice is bitwise what ``group_scales`` gives for that width alone.
+    """
+    return _minmax(xmin.unsqueeze(0), xmax.unsqueeze(0), maxq.view(-1, 1, 1), sym)
+
+
 def group_scales(xmin: torch.Tensor, xmax: torch.Tensor, group_bits: Sequence[int], sym: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grid parameters of each (row, group) from its range (``group_ranges``).
@@ -103,7 +112,8 @@ def group_scales(xmin: torch.Tensor, xmax: torch.Tensor, group_bits: Sequence[in
     xmin, xmax: [out, groups]; group_bits[g]: width of group g. Returns scale, zero: [out, groups]
     (zero may be an expanded view) and maxq_g: [groups] float32.
     """
-    bits = torch.tensor([check_bits(int(b)) for b in group_bits], device=xmin.device, dtype=torch.float32)
+    # Built on the host and copied without waiting for the device (a blocking copy is a host sync).
+    bits = torch.tensor([check_bits(int(b)) for b in group_bits], dtype=torch.float32).to(xmin.device, non_blocking=True)
     maxq_g = torch.where(bits >= NO_QUANT_BITS, torch.zeros_like(bits), 2 ** bits - 1)  # [groups]
     scale, zero = _minmax(xmin, xmax, maxq_g.unsqueeze(0), sym)  # [rows, groups]
     return scale, zero, maxq_g

@@ -52,11 +52,17 @@ class InputStats:
             else:
                 part = part.to(STATS_DTYPE)
                 self.sum_xxT.addmm_(part.T, part)
-        # diag = sum of squares: finite exactly when every input was (and no square overflowed).
-        if not torch.isfinite(self.sum_xxT.diagonal()).all():
-            raise ValueError("NaN or Inf in layer inputs (activations overflowed or the model is broken)")
         self.sum_x += x.sum(dim=0, dtype=STATS_DTYPE)
         self.num_samples += x.shape[0]
+
+    def check(self) -> None:
+        """Raise ValueError if any input so far was NaN or Inf (one host read: call it once per pass, not per batch).
+
+        diag(sum x x^T) = sum of squares: finite exactly when every input was (and no square
+        overflowed), and a non-finite entry stays non-finite whatever is added later.
+        """
+        if self.sum_xxT is not None and not bool(torch.isfinite(self.sum_xxT.diagonal()).all()):
+            raise ValueError("NaN or Inf in layer inputs (activations overflowed or the model is broken)")
 
     def hessian(self, release: bool = False) -> torch.Tensor:
         """H = 2/n * sum x x^T, [in, in] float32.
@@ -66,6 +72,7 @@ class InputStats:
         """
         if self.num_samples == 0:
             raise ValueError("no inputs were accumulated")
+        self.check()
         if not release:
             return self.sum_xxT * (2.0 / self.num_samples)
         H = self.sum_xxT.mul_(2.0 / self.num_samples)
@@ -145,7 +152,7 @@ def _block_mask(W: torch.Tensor, d: torch.Tensor, sparsity: float, row_splits: S
         seg = saliency[start:start + rows].reshape(-1)
         k = int(seg.numel() * sparsity)
         if k > 0:
-            mask[start:start + rows].view(-1)[torch.topk(seg, k, largest=False, sorted=False).indices] = True
+            mask[start:start + rows].view(-1).index_fill_(0, torch.topk(seg, k, largest=False, sorted=False).indices, True)
         start += rows
     return mask
 
@@ -184,9 +191,9 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, *, sparsity: float = 0.0, 
     W_in_dtype = W.dtype
     W = W.to(compute).clone()
     H = H.to(compute).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    dead = torch.diag(H) == 0   # masked fills, not boolean indexing (a host read of the indices)
+    H.diagonal().masked_fill_(dead, 1)
+    W.masked_fill_(dead.unsqueeze(0), 0)
     U, damp = inverse_hessian_factor(H, percdamp, name)  # H^-1 = U^T U, U: [in, in] upper
     del H
     if fused is None:

@@ -152,7 +152,7 @@ class LayerWalker:
 
     def _first_layer_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Layer 0's hidden input for every window of input_ids [n, seqlen] -> [n, seqlen, hidden]."""
-        hidden: list[torch.Tensor] = []   # each [1, seqlen, hidden]
+        hidden: list[torch.Tensor] = []   # each [batch, seqlen, hidden]
 
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden.append(args[0] if args else kwargs["hidden_states"])
@@ -160,9 +160,9 @@ class LayerWalker:
 
         handle = self.decoder_layers[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            for row in input_ids:
+            for start in range(0, input_ids.shape[0], self.batch_size):   # the embeddings of a batch of windows
                 try:
-                    self.model(row.unsqueeze(0).to(self.device), use_cache=False)
+                    self.model(input_ids[start:start + self.batch_size].to(self.device), use_cache=False)
                 except _StopForward:
                     pass
         finally:

@@ -783,6 +783,23 @@ def test_kmeans_cuda_graphs_give_the_eager_result(seed, monkeypatch):
     assert torch.equal(graphed, eager)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kmeans_reuses_one_captured_graph_per_shape(monkeypatch):
+    import channel_grouping as cg
+    cg._LLOYD_GRAPHS.clear()
+    results = []
+    for seed in range(3):  # one shape, three problems: captured once, replayed with new data
+        g = torch.Generator().manual_seed(seed)
+        Y = torch.randn(900, 8, generator=g)
+        results.append(cg.kmeans((Y / Y.norm(dim=1, keepdim=True)).cuda(), 8, seed=seed))
+    assert len(cg._LLOYD_GRAPHS) == 1
+    monkeypatch.setattr(cg, "KMEANS_CUDA_GRAPHS", False)
+    for seed, graphed in enumerate(results):
+        g = torch.Generator().manual_seed(seed)
+        Y = torch.randn(900, 8, generator=g)
+        assert torch.equal(graphed, cg.kmeans((Y / Y.norm(dim=1, keepdim=True)).cuda(), 8, seed=seed))
+
+
 def test_allocation_in_threads_equals_the_serial_allocation(monkeypatch):
     import channel_grouping as cg
     g = torch.Generator().manual_seed(3)

@@ -73,14 +73,21 @@ def test_tensor_core_sums_match_float64(dtype):
     assert ((stats.sum_xxT.double() - ref).abs().max() / ref.abs().max()).item() < 1e-4
     bad = X[:10].clone()
     bad[3, 5] = float("inf")
+    stats.add(bad)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        stats.add(bad)
+        stats.check()
 
 
 def test_nan_inputs_raise():
     stats = InputStats(4, "cpu")
+    stats.add(torch.tensor([[1.0, 2.0, 0.0, 0.0]]))
+    stats.check()  # finite so far
+    stats.add(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+    stats.add(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))  # a later finite batch does not hide it
     with pytest.raises(ValueError, match="NaN"):
-        stats.add(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+        stats.check()
+    with pytest.raises(ValueError, match="NaN"):
+        stats.hessian()
 
 
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.7])
