@@ -49,24 +49,25 @@ def _kernel(interpret: bool):
 
     @triton.jit
     def obs_block_kernel(
-            W_ptr, stride_w_row, stride_w_col,   # W block [rows, COUNT], float32: read, then overwritten with Q
+            W_ptr, stride_w_row, stride_w_col,   # W block [rows, count], float32: read, then overwritten with Q
             E_ptr, stride_e_row,                 # errors [rows, count], float32, out
             U_ptr, stride_u_row, stride_u_col,   # U block [count, count], float32, upper triangular
             M_ptr, stride_m_row,                 # mask [rows, count], uint8: in (unstructured) or out (N:M)
             S_ptr, Z_ptr, Q_ptr, stride_g_row, stride_g_col,   # grid scale, zero, maxq [rows, count]
-            rows, COUNT: tl.constexpr,
+            rows, count,                         # runtime: a ragged last block shares the compiled kernel
             HAS_GRID: tl.constexpr, PRUNE_N: tl.constexpr, STEP: tl.constexpr,
             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RINT: tl.constexpr):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)     # [BLOCK_R] rows of this program
         c = tl.arange(0, BLOCK_C)                                  # [BLOCK_C] columns of the block
         r_ok = r < rows
-        c_ok = c < COUNT
+        c_ok = c < count
         tile_ok = r_ok[:, None] & c_ok[None, :]
         W = tl.load(W_ptr + r[:, None] * stride_w_row + c[None, :] * stride_w_col, mask=tile_ok, other=0.0)
         d = tl.load(U_ptr + c * (stride_u_row + stride_u_col), mask=c_ok, other=1.0)   # U_jj
         E = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         pruned_tile = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int1)
-        for g in range(0, COUNT, STEP):
+        g = 0
+        while g < count:   # a while loop: the interpreter cannot range() over a runtime bound
             if PRUNE_N > 0:
                 # saliency_ij = w_ij^2 / U_jj^2 over columns g..g+M-1; rank within the group, ties
                 # to the lower column; the N lowest of each row are pruned.
@@ -107,6 +108,7 @@ def _kernel(interpret: bool):
                 W = W - err[:, None] * u[None, :]
                 W = tl.where(this_col, q[:, None], W)   # column j is final: it holds Q from here on
                 E = tl.where(this_col, err[:, None], E)
+            g += STEP
         tl.store(W_ptr + r[:, None] * stride_w_row + c[None, :] * stride_w_col, W, mask=tile_ok)
         tl.store(E_ptr + r[:, None] * stride_e_row + c[None, :], E, mask=tile_ok)
         if PRUNE_N > 0:
@@ -162,7 +164,7 @@ def obs_block(W_block: torch.Tensor, U_block: torch.Tensor, err: torch.Tensor, m
         U_block, U_block.stride(0), U_block.stride(1),
         mask.view(torch.uint8), mask.stride(0),
         scale, zero, maxq, g_strides[0], g_strides[1],
-        rows, COUNT=count,
+        rows, count,
         HAS_GRID=grid is not None, PRUNE_N=prune_n, STEP=prune_m if prune_n else 1,
         BLOCK_R=block_r, BLOCK_C=block_c, RINT=not interpreting(), num_warps=num_warps or default_warps,
         enable_fp_fusion=False)   # every product and sum rounded on its own, as in the PyTorch loop
