@@ -114,14 +114,16 @@ def _orthonormalize(Y: Tensor, cholesky: bool | None = None) -> Tensor:
     eye = torch.eye(Y.shape[1], dtype=torch.float64)
     for _ in range(2):
         Qd = Q.to(torch.float64)
-        G = (Qd.T @ Qd).cpu()  # G: [b, b]
+        G = (Qd.T @ Qd).cpu()  # G: [b, b] (the one host read of the round)
         L, info = torch.linalg.cholesky_ex(G)
         if int(info) != 0:
             return torch.linalg.qr(Y)[0]
         L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
-        Q = Q @ L_inv.T.to(device=Y.device, dtype=Y.dtype)  # Q: [d, b]
+        Q = Q @ L_inv.T.to(dtype=Y.dtype).to(Y.device, non_blocking=True)  # Q: [d, b]; the copy does not wait
     Qd = Q.to(torch.float64)
-    if float((Qd.T @ Qd - eye.to(Y.device)).abs().max()) > 1e-4:
+    E = Qd.T @ Qd
+    E.diagonal().sub_(1.0)  # E = Q^T Q - I without copying an identity to the device
+    if float(E.abs().max()) > 1e-4:
         return torch.linalg.qr(Y)[0]
     return Q
 
@@ -167,14 +169,15 @@ def subspace_eigenvectors(
         if step % CHECK_EVERY == 0 or step + 2 > n_iter:
             T = (Q.T @ Z).to(device="cpu", dtype=torch.float64)  # T: [b, b] Rayleigh quotient
             theta, U = torch.linalg.eigh(0.5 * (T + T.T))  # ascending; tiny, on the CPU (slow on a GPU)
-            theta, U = theta.to(device=M.device, dtype=M.dtype), U.to(device=M.device, dtype=M.dtype)
+            theta_h = theta.to(M.dtype)  # scalars are read from this host copy, not from the device
+            theta, U = theta_h.to(M.device, non_blocking=True), U.to(M.dtype).to(M.device, non_blocking=True)
             V = Q @ U[:, -k:].flip(1)  # V: [d, k] top-k Ritz vectors
             residual = (Z @ U[:, -k:].flip(1) - V * theta[-k:].flip(0)).norm(dim=0)  # [k]
-            room = float((theta - sigma).abs().min()) < float(theta[-k]) - sigma  # see the docstring
+            room = float((theta_h - sigma).abs().min()) < float(theta_h[-k]) - sigma  # see the docstring
             if bool((residual <= tol * theta.abs().max()).all()) and room:
                 return V.contiguous()
-            if b > k and float(theta[0]) < 0:
-                sigma = 0.5 * (float(theta[-k - 1]) + float(theta[0]))
+            if b > k and float(theta_h[0]) < 0:
+                sigma = 0.5 * (float(theta_h[-k - 1]) + float(theta_h[0]))
         Y = Z - sigma * Q  # Y: [d, b] = (M - sigma I) Q
         Q = _orthonormalize(M @ Y - sigma * Y)
     return None
@@ -535,7 +538,7 @@ def spectral_cluster(
     Steps: symmetrise, clamp >= 0 and zero the diagonal of A (self-affinity unused; binned MI puts
     entropies there); add eps = 1e-3 * mean(A) (1 if A == 0) to every entry so isolated /
     zero-degree channels are still connected; top-n_groups eigenvectors (``top_eigenvectors``:
-    dense eigh for d <= eigh_max_dim (default 512 on the CPU, 2048 on a GPU), subspace iteration
+    dense eigh for d <= eigh_max_dim (default 512 on the CPU, 256 on a GPU), subspace iteration
     with a residual check above, eigh if it does not converge); row-normalise; k-means
     (``kmeans``). The silhouette is computed in that row-normalised spectral embedding on a random
     subsample of at most ``silhouette_samples`` channels (deterministic from seed).
@@ -570,8 +573,10 @@ def spectral_cluster(
     A.add_(torch.where(mean > 0, 1e-3 * mean, 1.0))  # eps = 1e-3 mean(A) (1 if A == 0)
     s = A.sum(1).rsqrt()  # s: [d] = D^-1/2 (degrees >= d * eps > 0)
     A.mul_(s[:, None]).mul_(s[None, :])  # A is now M: [d, d]
-    if eigh_max_dim is None:  # H100, SmolLM2 inputs: dense eigh 6 ms vs 7-20 ms iterating at d = 576, 19 vs 13-34 ms at 1536
-        eigh_max_dim = 512 if device.type == "cpu" else 2048
+    if eigh_max_dim is None:  # a dense eigh is cheap on the CPU but slow on a GPU, where matmuls are cheap
+        # (H100, SmolLM2: 2048 would be faster, 6 vs 7-20 ms at d = 576, but moves the labels and with
+        # them the perplexities, e.g. seed 0 wikitext2 51.24 -> 56.25: the published results keep 256)
+        eigh_max_dim = 512 if device.type == "cpu" else 256
     V = top_eigenvectors(A, n_groups, seed=seed, eigh_max_dim=eigh_max_dim, n_iter=n_iter, oversample=oversample)
     del A
     # k-means and the silhouette run where the embedding lives (batched restarts, few host reads).

@@ -14,6 +14,7 @@ import math
 import platform
 import re
 import sys
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -300,6 +301,9 @@ def plan_quantization(cfg: CompressConfig, W: torch.Tensor, H: torch.Tensor, lab
     return grid, alloc.col_bits.cpu(), new_labels.cpu(), info
 
 
+PACK_QUIET = True  # the packer pauses while the main thread clusters and allocates (Packer.quiet)
+
+
 class Packer:
     """Packs compressed sub-layers (``checkpoint.pack_linear``) on a worker thread with its own CUDA stream.
 
@@ -314,6 +318,22 @@ class Packer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packer") if self.cuda else None
         # High priority: its small kernels go ahead of the statistics GEMMs queued on the main stream.
         self.stream = torch.cuda.Stream(device, priority=-1) if self.cuda else None
+        self._gate = threading.Lock()   # held by the main thread in its host-bound stages (quiet)
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """The packer starts no sub-layer meanwhile (one already started finishes).
+
+        Packing is host work too: in the host-bound stages (clustering, allocation: many small ops
+        and host reads) the two threads would take turns holding the GIL, and the main thread's
+        every wait for the device becomes a wait for the packer. Outside them (statistics, the
+        solve, propagation) the main thread mostly waits for the GPU, and the packer runs then.
+        """
+        if not PACK_QUIET or self.pool is None:
+            yield
+            return
+        with self._gate:
+            yield
 
     def submit(self, *args, **kwargs) -> Future:
         """A future of ``checkpoint.pack_linear(*args, **kwargs)``."""
@@ -325,6 +345,8 @@ class Packer:
         ready.record()   # the weights are written on the main stream
 
         def task() -> checkpoint.PackedLinear:
+            with self._gate:   # not while the main thread is in a quiet stage
+                pass
             with torch.cuda.stream(self.stream):
                 self.stream.wait_event(ready)
                 packed = checkpoint.pack_linear(*args, **kwargs)
@@ -357,29 +379,30 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
     bytes give the record's effective bits whether or not the run saves a checkpoint; the records
     are complete once ``finish_records`` has them.
     """
-    cols = stats.sum_xxT.shape[0]
-    labels, silhouette = None, float("nan")
-    if cfg.use_mi_grouping:
-        if cfg.grouping == "mi":
-            with timer("mi"):
-                cov = mi_estimator.covariance_from_sums(stats.sum_xxT, stats.sum_x, stats.num_samples)
-                affinity = mi_estimator.gaussian_mi(cov)
-                del cov
-            with timer("clustering"):
-                grouping = channel_grouping.spectral_cluster(affinity, cfg.n_groups, seed=cfg.seed + layer_idx)
-                del affinity
-        elif cfg.grouping == "random":
-            grouping = channel_grouping.random_groups(cols, cfg.n_groups, seed=cfg.seed + layer_idx)
-        else:
-            grouping = channel_grouping.contiguous_groups(cols, cfg.n_groups)
-        labels, silhouette = grouping.labels.to(stats.sum_xxT.device), grouping.silhouette
-    H = stats.hessian(release=True)   # after the MI, which reads the sums: no second [in, in] matrix
+    with packer.quiet():   # host-bound stages: the packer waits (Packer.quiet)
+        cols = stats.sum_xxT.shape[0]
+        labels, silhouette = None, float("nan")
+        if cfg.use_mi_grouping:
+            if cfg.grouping == "mi":
+                with timer("mi"):
+                    cov = mi_estimator.covariance_from_sums(stats.sum_xxT, stats.sum_x, stats.num_samples)
+                    affinity = mi_estimator.gaussian_mi(cov)
+                    del cov
+                with timer("clustering"):
+                    grouping = channel_grouping.spectral_cluster(affinity, cfg.n_groups, seed=cfg.seed + layer_idx)
+                    del affinity
+            elif cfg.grouping == "random":
+                grouping = channel_grouping.random_groups(cols, cfg.n_groups, seed=cfg.seed + layer_idx)
+            else:
+                grouping = channel_grouping.contiguous_groups(cols, cfg.n_groups)
+            labels, silhouette = grouping.labels.to(stats.sum_xxT.device), grouping.silhouette
+        H = stats.hessian(release=True)   # after the MI, which reads the sums: no second [in, in] matrix
 
-    Ws = [m.weight.data.float() for _, m in group]
-    with timer("allocation"):
-        # The sub-layers of a fused group in threads: one's host work (candidates, numpy) overlaps another's GPU work.
-        with ThreadPoolExecutor(max_workers=len(Ws)) as pool:
-            plans = list(pool.map(lambda W: plan_quantization(cfg, W, H, labels), Ws))
+        Ws = [m.weight.data.float() for _, m in group]
+        with timer("allocation"):
+            # The sub-layers of a fused group in threads: one's host work (candidates, numpy) overlaps another's GPU work.
+            with ThreadPoolExecutor(max_workers=len(Ws)) as pool:
+                plans = list(pool.map(lambda W: plan_quantization(cfg, W, H, labels), Ws))
     start = time.perf_counter()
     with timer("prune_quant"):
         shapes = [W.shape for W in Ws]
