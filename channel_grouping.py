@@ -11,9 +11,11 @@ All functions are pure and device-agnostic (CPU or CUDA tensors in, tensors of t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -380,6 +382,7 @@ class _LloydGraph:
 
 _LLOYD_GRAPHS: "OrderedDict[tuple, _LloydGraph]" = OrderedDict()  # (device, dtype, n, f, r, k) -> graph, LRU
 LLOYD_GRAPHS_KEPT = 8  # shapes whose graphs stay captured (a model has ~4 input widths)
+_LLOYD_LOCK = threading.Lock()
 
 
 def _lloyd_graph(X: Tensor, C: Tensor) -> tuple[_LloydGraph, bool]:
@@ -392,6 +395,11 @@ def _lloyd_graph(X: Tensor, C: Tensor) -> tuple[_LloydGraph, bool]:
             _LLOYD_GRAPHS.popitem(last=False)
     _LLOYD_GRAPHS[key] = g
     return g, g.graph is not None
+
+
+def _graphed(X: Tensor, max_iter: int) -> bool:
+    """Whether ``_lloyd`` runs its full windows as a cached CUDA graph."""
+    return X.is_cuda and KMEANS_CUDA_GRAPHS and max_iter >= KMEANS_CHECK_EVERY
 
 
 def _lloyd(X: Tensor, C: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
@@ -415,30 +423,32 @@ def _lloyd(X: Tensor, C: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Ten
     """
     k = C.shape[1]
     Xa = torch.cat([X, torch.ones_like(X[:, :1])], 1)  # Xa: [n, f + 1]
-    graph, captured = None, False
-    if X.is_cuda and KMEANS_CUDA_GRAPHS and max_iter >= KMEANS_CHECK_EVERY:
-        graph, captured = _lloyd_graph(X, C)
-        graph.load(X, Xa, C, tol)
-        X, Xa, C, done, tol_t = graph.X, graph.Xa, graph.C, graph.done, graph.tol  # work in the graph's buffers
-    else:
-        C = C.clone()  # C: [r, k, f] centres, updated in place (a frozen restart's stay as they are)
-        done = torch.zeros(C.shape[0], dtype=torch.bool, device=X.device)
-        tol_t = torch.tensor(tol, dtype=X.dtype, device=X.device)
-    it = 0
-    while True:
-        n = min(KMEANS_CHECK_EVERY, max_iter - it)
-        if graph is not None and n == KMEANS_CHECK_EVERY and (captured or it > 0):
-            labels, counts = graph.replay()
+    graphed = _graphed(X, max_iter)
+    with _LLOYD_LOCK if graphed else contextlib.nullcontext():  # the cached graphs' buffers: one caller at a time
+        graph, captured = None, False
+        if graphed:
+            graph, captured = _lloyd_graph(X, C)
+            graph.load(X, Xa, C, tol)
+            X, Xa, C, done, tol_t = graph.X, graph.Xa, graph.C, graph.done, graph.tol  # work in the graph's buffers
         else:
-            labels, counts = _lloyd_steps(X, Xa, C, done, tol_t, n)
-        it += n
-        flags = torch.stack([done, (counts == 0).any(1)]).cpu()  # flags: [2, r] (the one host read)
-        keep = torch.nonzero(~flags[0]).flatten()  # keep: restarts still running
-        if keep.numel() == 0 or it >= max_iter:
-            break
-        for j in keep[flags[1][keep]].tolist():  # running restarts with an empty cluster
-            C[j] = _centroids(Xa, _fill_empty(X, labels[j], C[j], k).unsqueeze(0), C[j : j + 1])[0][0]
-    return _assign(X, C), C.clone()
+            C = C.clone()  # C: [r, k, f] centres, updated in place (a frozen restart's stay as they are)
+            done = torch.zeros(C.shape[0], dtype=torch.bool, device=X.device)
+            tol_t = torch.tensor(tol, dtype=X.dtype, device=X.device)
+        it = 0
+        while True:
+            n = min(KMEANS_CHECK_EVERY, max_iter - it)
+            if graph is not None and n == KMEANS_CHECK_EVERY and (captured or it > 0):
+                labels, counts = graph.replay()
+            else:
+                labels, counts = _lloyd_steps(X, Xa, C, done, tol_t, n)
+            it += n
+            flags = torch.stack([done, (counts == 0).any(1)]).cpu()  # flags: [2, r] (the one host read)
+            keep = torch.nonzero(~flags[0]).flatten()  # keep: restarts still running
+            if keep.numel() == 0 or it >= max_iter:
+                break
+            for j in keep[flags[1][keep]].tolist():  # running restarts with an empty cluster
+                C[j] = _centroids(Xa, _fill_empty(X, labels[j], C[j], k).unsqueeze(0), C[j : j + 1])[0][0]
+        return _assign(X, C), C.clone()
 
 
 def kmeans(X: Tensor, k: int, seed: int = 0, n_init: int = 4) -> Tensor:

@@ -783,6 +783,33 @@ def test_kmeans_cuda_graphs_give_the_eager_result(seed, monkeypatch):
     assert torch.equal(graphed, eager)
 
 
+def test_cached_lloyd_buffers_give_the_uncached_result(monkeypatch):
+    """The per-shape buffers of _LloydGraph (copy in, reuse, LRU), with the graph replaced by eager steps (CPU)."""
+    import channel_grouping as cg
+
+    def problem(seed: int, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        Y = torch.randn(n, 8, generator=g, dtype=torch.float64)
+        Y[: n // 8] = Y[0]  # duplicates: clusters may empty (relocation writes into the cached centres)
+        return Y / Y.norm(dim=1, keepdim=True)
+
+    cases = [(seed, n) for n in (300, 500, 300, 700, 300) for seed in (n % 7, n % 5)]
+    ref = [cg.kmeans(problem(s, n), 8, seed=s) for s, n in cases]
+
+    def eager_replay(self):
+        self.graph = "captured"  # what replay() does on CUDA, without the graph
+        return cg._lloyd_steps(self.X, self.Xa, self.C, self.done, self.tol, cg.KMEANS_CHECK_EVERY)
+
+    cg._LLOYD_GRAPHS.clear()
+    monkeypatch.setattr(cg, "_graphed", lambda X, max_iter: max_iter >= cg.KMEANS_CHECK_EVERY)
+    monkeypatch.setattr(cg._LloydGraph, "replay", eager_replay)
+    monkeypatch.setattr(cg, "LLOYD_GRAPHS_KEPT", 2)
+    out = [cg.kmeans(problem(s, n), 8, seed=s) for s, n in cases]
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    assert len(cg._LLOYD_GRAPHS) == 2  # three shapes met, the least recently used one dropped
+    cg._LLOYD_GRAPHS.clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kmeans_reuses_one_captured_graph_per_shape(monkeypatch):
     import channel_grouping as cg
