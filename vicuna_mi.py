@@ -301,9 +301,6 @@ def plan_quantization(cfg: CompressConfig, W: torch.Tensor, H: torch.Tensor, lab
     return grid, alloc.col_bits.cpu(), new_labels.cpu(), info
 
 
-PACK_QUIET = True  # the packer pauses while the main thread clusters and allocates (Packer.quiet)
-
-
 class Packer:
     """Packs compressed sub-layers (``checkpoint.pack_linear``) on a worker thread with its own CUDA stream.
 
@@ -324,12 +321,12 @@ class Packer:
     def quiet(self) -> Iterator[None]:
         """The packer starts no sub-layer meanwhile (one already started finishes).
 
-        Packing is host work too: in the host-bound stages (clustering, allocation: many small ops
-        and host reads) the two threads would take turns holding the GIL, and the main thread's
-        every wait for the device becomes a wait for the packer. Outside them (statistics, the
-        solve, propagation) the main thread mostly waits for the GPU, and the packer runs then.
+        Packing is host work too, and in the host-bound stages (clustering, allocation: many small
+        ops and host reads) the two threads take turns holding the GIL; outside them (statistics,
+        the solve, propagation) the main thread mostly waits for the GPU. H100, SmolLM2 full
+        length: 12.46 and 12.58 s of compression with the pause, 12.91 and 13.98 s without.
         """
-        if not PACK_QUIET or self.pool is None:
+        if self.pool is None:
             yield
             return
         with self._gate:

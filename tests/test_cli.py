@@ -38,10 +38,8 @@ def test_end_to_end_report(capsys, tmp_path, data_dir, extra):
     assert report["ppl"]["wikitext2"] > 1 and report["eval_windows"]["wikitext2"] == 2
     t = report["time_s"]
     assert t["total"] > 0 and "prune_quant" in t
-    # compression is the layer walk's wall time: the stages inside it plus the untimed rest, within the total
-    stages = sum(t.get(k, 0.0) for k in vicuna_mi.COMPRESS_STAGES)
-    assert 0 <= t["other"] and t["compression"] == pytest.approx(stages + t["other"], abs=1e-9)
-    assert t["compression"] < t["total"]
+    # compression is the layer walk's wall time: no less than its stages (none counted twice), within the total
+    assert sum(t.get(k, 0.0) for k in vicuna_mi.COMPRESS_STAGES) <= t["compression"] < t["total"]
     assert len(report["layers"]) == 2 * 7
     for rec in report["layers"]:
         assert {"name", "shape", "time_s", "sparsity", "bits", "effective_bits"} <= rec.keys()
