@@ -165,24 +165,155 @@ def subspace_eigenvectors(
     b = min(d, k + max(oversample, 0))
     g = torch.Generator().manual_seed(seed)
     Q = _orthonormalize(torch.randn(d, b, generator=g, dtype=torch.float32).to(device=M.device, dtype=M.dtype))
+    Z = M @ Q  # Z: [d, b] = M Q (Q orthonormal): the loop's invariant
     sigma = 0.0
-    for step in range(2, n_iter + 1, 2):
-        Z = M @ Q  # Z: [d, b]; Q is orthonormal here
-        if step % CHECK_EVERY == 0 or step + 2 > n_iter:
-            T = (Q.T @ Z).to(device="cpu", dtype=torch.float64)  # T: [b, b] Rayleigh quotient
-            theta, U = torch.linalg.eigh(0.5 * (T + T.T))  # ascending; tiny, on the CPU (slow on a GPU)
-            theta_h = theta.to(M.dtype)  # scalars are read from this host copy, not from the device
-            theta, U = theta_h.to(M.device, non_blocking=True), U.to(M.dtype).to(M.device, non_blocking=True)
-            V = Q @ U[:, -k:].flip(1)  # V: [d, k] top-k Ritz vectors
-            residual = (Z @ U[:, -k:].flip(1) - V * theta[-k:].flip(0)).norm(dim=0)  # [k]
-            room = float((theta_h - sigma).abs().min()) < float(theta_h[-k]) - sigma  # see the docstring
-            if bool((residual <= tol * theta.abs().max()).all()) and room:
-                return V.contiguous()
-            if b > k and float(theta_h[0]) < 0:
-                sigma = 0.5 * (float(theta_h[-k - 1]) + float(theta_h[0]))
-        Y = Z - sigma * Q  # Y: [d, b] = (M - sigma I) Q
-        Q = _orthonormalize(M @ Y - sigma * Y)
-    return None
+    graphed = _eigen_graphed(M)
+    with _EIGEN_LOCK if graphed else contextlib.nullcontext():  # the cached buffers: one caller at a time
+        windows = _eigen_windows(M, b) if graphed else None
+        if windows is not None:
+            Q, Z = windows.load(M, Q, Z)  # work in the cached graph's buffers
+        step = 2  # products by M so far
+        while True:
+            if step % CHECK_EVERY == 0 or step + 2 > n_iter:
+                T = (Q.T @ Z).to(device="cpu", dtype=torch.float64)  # T: [b, b] Rayleigh quotient
+                theta, U = torch.linalg.eigh(0.5 * (T + T.T))  # ascending; tiny, on the CPU (slow on a GPU)
+                theta_h = theta.to(M.dtype)  # scalars are read from this host copy, not from the device
+                theta, U = theta_h.to(M.device, non_blocking=True), U.to(M.dtype).to(M.device, non_blocking=True)
+                V = Q @ U[:, -k:].flip(1)  # V: [d, k] top-k Ritz vectors
+                residual = (Z @ U[:, -k:].flip(1) - V * theta[-k:].flip(0)).norm(dim=0)  # [k]
+                room = float((theta_h - sigma).abs().min()) < float(theta_h[-k]) - sigma  # see the docstring
+                if bool((residual <= tol * theta.abs().max()).all()) and room:
+                    return V.contiguous()
+                if b > k and float(theta_h[0]) < 0:
+                    sigma = 0.5 * (float(theta_h[-k - 1]) + float(theta_h[0]))
+            if step + 2 > n_iter:
+                return None
+            n = min(CHECK_EVERY - step % CHECK_EVERY, n_iter - step) // 2  # QR steps to the next check
+            if windows is not None:
+                windows.run(n, sigma)
+            else:
+                for _ in range(n):
+                    Q, Z = _qr_step(M, Q, Z, sigma)
+            step += 2 * n
+
+
+def _qr_step(M: Tensor, Q: Tensor, Z: Tensor, sigma: float | Tensor, eye: Tensor | None = None,
+             bad: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One step of the subspace iteration: (Q, Z = M Q) -> (Q', M Q'),  Q' = qr((M - sigma I)^2 Q).
+
+    With eye and bad: the orthonormalisation runs on Q's device without host reads
+    (``_orthonormalize_on_device``, CUDA-graph safe) and sets bad where it failed.
+    """
+    Y = Z - sigma * Q  # Y: [d, b] = (M - sigma I) Q
+    Y = M @ Y - sigma * Y
+    Q = _orthonormalize(Y) if eye is None else _orthonormalize_on_device(Y, eye, bad)
+    return Q, M @ Q
+
+
+def _orthonormalize_on_device(Y: Tensor, eye: Tensor, bad: Tensor) -> Tensor:
+    """``_orthonormalize``'s Cholesky QR (twice) with every step on Y's device and no host read.
+
+    # G = Y^T Y = L L^T,  Q = Y L^-T   (twice; G and L in float64)
+
+    The same operations, with the Cholesky factor and its inverse computed on the device instead of
+    the host. bad (a 0-dim bool tensor) becomes True when a Cholesky fails or the result is not
+    orthonormal to 1e-4 (NaN included): the caller then redoes the step with ``_orthonormalize``.
+    eye: [b, b] float64 on Y's device.
+    """
+    Q = Y
+    for _ in range(2):
+        Qd = Q.to(torch.float64)
+        L, info = torch.linalg.cholesky_ex(Qd.T @ Qd)  # G: [b, b]
+        bad.logical_or_(info != 0)
+        Q = Q @ torch.linalg.solve_triangular(L, eye, upper=False).T.to(Y.dtype)  # Q: [d, b]
+    Qd = Q.to(torch.float64)
+    E = Qd.T @ Qd
+    E.diagonal().sub_(1.0)  # E = Q^T Q - I
+    bad.logical_or_(~(E.abs().amax() <= 1e-4))  # not orthonormal, or NaN
+    return Q
+
+
+EIGEN_CUDA_GRAPHS = True  # on CUDA, run the QR steps between two residual checks as one cached CUDA graph
+EIGEN_GRAPH_MAX_D = 8192  # largest d with cached graphs: each keeps a copy of M (256 MiB at 8192, float32)
+EIGEN_GRAPHS_KEPT = 4  # shapes whose graphs stay cached (LRU)
+
+
+class _EigenWindows:
+    """The QR steps between two residual checks of ``subspace_eigenvectors``, as CUDA graphs cached per (d, b).
+
+    At d ~ 500-2000 a step's ~25 small kernels and three host reads (the host Cholesky of
+    ``_orthonormalize``) cost far more than their arithmetic. Here the steps between two checks
+    run with the Cholesky on the device (``_orthonormalize_on_device``) as one captured graph per
+    window length, on buffers that each call copies its M, Q and Z into. One host read per window:
+    if any step failed, the window is redone from its start with the host-checked
+    ``_orthonormalize``, so no result rests on a failed Cholesky. The first window of a length runs
+    eagerly (library handles, workspaces); the next is captured.
+    """
+
+    def __init__(self, M: Tensor, b: int):
+        d = M.shape[0]
+        self.M = torch.empty_like(M)
+        self.Q = torch.empty(d, b, dtype=M.dtype, device=M.device)
+        self.Z = torch.empty_like(self.Q)
+        self.sigma = torch.zeros((), dtype=M.dtype, device=M.device)
+        self.eye = torch.eye(b, dtype=torch.float64, device=M.device)
+        self.bad = torch.zeros((), dtype=torch.bool, device=M.device)
+        self.graphs: dict[int, Optional[torch.cuda.CUDAGraph]] = {}  # window length -> graph (None: warmed up)
+
+    def load(self, M: Tensor, Q: Tensor, Z: Tensor) -> tuple[Tensor, Tensor]:
+        self.M.copy_(M), self.Q.copy_(Q), self.Z.copy_(Z)
+        return self.Q, self.Z
+
+    def _steps(self, n: int) -> None:
+        Q, Z = self.Q, self.Z
+        for _ in range(n):
+            Q, Z = _qr_step(self.M, Q, Z, self.sigma, self.eye, self.bad)
+        self.Q.copy_(Q), self.Z.copy_(Z)
+
+    def _replay(self, n: int) -> None:
+        """n steps on the buffers: eager the first time, captured the second, replayed after."""
+        if n not in self.graphs:
+            self.graphs[n] = None
+            self._steps(n)
+            return
+        graph = self.graphs[n]
+        if graph is None:
+            graph = self.graphs[n] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._steps(n)
+        graph.replay()
+
+    def run(self, n: int, sigma: float) -> None:
+        start = (self.Q.clone(), self.Z.clone())
+        self.sigma.fill_(sigma)
+        self.bad.fill_(False)
+        self._replay(n)
+        if bool(self.bad):  # the window's one host read
+            Q, Z = start
+            for _ in range(n):
+                Q, Z = _qr_step(self.M, Q, Z, sigma)
+            self.Q.copy_(Q), self.Z.copy_(Z)
+
+
+_EIGEN_WINDOWS: "OrderedDict[tuple, _EigenWindows]" = OrderedDict()  # (device, dtype, d, b) -> windows, LRU
+_EIGEN_LOCK = threading.Lock()
+
+
+def _eigen_graphed(M: Tensor) -> bool:
+    """Whether ``subspace_eigenvectors`` runs its QR steps as cached CUDA graphs (``_EigenWindows``)."""
+    return M.is_cuda and EIGEN_CUDA_GRAPHS and M.shape[0] <= EIGEN_GRAPH_MAX_D
+
+
+def _eigen_windows(M: Tensor, b: int) -> _EigenWindows:
+    """The cached graphs of M's shape and block width b (created if new)."""
+    key = (M.device, M.dtype, M.shape[0], b)
+    w = _EIGEN_WINDOWS.pop(key, None)
+    if w is None:
+        w = _EigenWindows(M, b)
+        while len(_EIGEN_WINDOWS) >= EIGEN_GRAPHS_KEPT:
+            _EIGEN_WINDOWS.popitem(last=False)
+    _EIGEN_WINDOWS[key] = w
+    return w
 
 
 def top_eigenvectors(
