@@ -27,7 +27,8 @@ class InputStats:
 
     They give the Hessian of the layer-wise loss, H = 2/n * sum x x^T, and the channel covariance
     for the MI estimate, cov = sum x x^T / n - mu mu^T, from one pass. Sums are float32. Inputs are
-    taken ``chunk`` tokens at a time: on CUDA, fp16/bf16 chunks go through tensor-core GEMMs whose
+    taken ``chunk`` tokens at a time (both sums: batches of whole chunks give the same sums whatever
+    their size): on CUDA, fp16/bf16 chunks go through tensor-core GEMMs whose
     products are exact and whose float32 accumulation covers one chunk; the chunks' sums are then
     added in float32 (a single GEMM over all tokens accumulates far worse). Elsewhere each chunk is
     cast to float32 first, so the float32 copy is never larger than one chunk.
@@ -45,14 +46,14 @@ class InputStats:
         """x: [..., in] inputs of one batch."""
         x = x.reshape(-1, x.shape[-1])
         tensor_cores = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-        for start in range(0, x.shape[0], self.chunk):
+        for start in range(0, x.shape[0], self.chunk):   # chunk by chunk: the sums do not depend on the batch size
             part = x[start:start + self.chunk]                                        # [chunk, in]
+            self.sum_x += part.sum(dim=0, dtype=STATS_DTYPE)
             if tensor_cores:
                 _add_gram_low_precision(self.sum_xxT, part)
             else:
                 part = part.to(STATS_DTYPE)
                 self.sum_xxT.addmm_(part.T, part)
-        self.sum_x += x.sum(dim=0, dtype=STATS_DTYPE)
         self.num_samples += x.shape[0]
 
     def check(self) -> None:

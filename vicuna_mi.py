@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -35,7 +35,7 @@ import mi_estimator
 import modelutils
 import quant
 import sparsegpt
-from walker import Activations, LayerWalker, get_decoder_layers
+from walker import Activations, LayerWalker, auto_batch_size, get_decoder_layers
 
 # Sub-layers that share an input, in the order of the forward pass (true-sequential): each group
 # gets one Hessian and one SparseGPT call. Layers of other families fall back to one group per Linear.
@@ -74,7 +74,7 @@ class CompressConfig:
     data_dir: Optional[str] = None      # local copy of the data sets (None = Hugging Face hub)
     device: str = "auto"                # cuda, cpu or auto
     dtype: str = "auto"                 # forward passes: auto | float16 | bfloat16 | float32 (auto: modelutils._default_dtype)
-    batch_size: int = 8                 # windows per forward pass of one layer
+    batch_size: Optional[int] = None    # windows per forward pass of one layer (None = auto: walker.auto_batch_size)
     trust_remote_code: bool = False     # allow a model's own code from the hub
     revision: Optional[str] = None      # hub branch/commit (e.g. one that holds safetensors weights)
     out: Optional[str] = None           # JSON report path (default results/<run>.json)
@@ -114,8 +114,8 @@ def validate(cfg: CompressConfig) -> None:
         raise UsageError("--nsamples must be >= 1 and --seqlen >= 2")
     if cfg.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {cfg.seed}")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.batch_size is not None and cfg.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1 or auto, got {cfg.batch_size}")
     if cfg.blocksize < 1:
         raise UsageError(f"--blocksize must be >= 1, got {cfg.blocksize}")
     if not (math.isfinite(cfg.percdamp) and cfg.percdamp > 0):
@@ -218,7 +218,8 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", choices=("auto", *modelutils.DTYPES), default=d.dtype,
                    help="dtype of the model's forward passes (statistics stay float32)")
-    p.add_argument("--batch_size", type=int, default=d.batch_size)
+    p.add_argument("--batch_size", default="auto",
+                   help="windows per forward pass, or auto (GPU: up to 32 as activations allow; CPU: 8)")
     p.add_argument("--trust_remote_code", action="store_true")
     p.add_argument("--revision", default=d.revision, help="hub branch or commit of MODEL")
     p.add_argument("--out", default=d.out)
@@ -231,6 +232,13 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
         bit_choices = tuple(int(b) for b in a.bit_choices.split(",") if b.strip())
     except ValueError:
         raise UsageError(f"--bit_choices must be a comma list of integers, got {a.bit_choices!r}") from None
+    if a.batch_size.strip().lower() == "auto":
+        batch_size = None
+    else:
+        try:
+            batch_size = int(a.batch_size)
+        except ValueError:
+            raise UsageError(f"--batch_size must be a positive integer or auto, got {a.batch_size!r}") from None
     evals = () if a.eval.strip().lower() in ("", "none") else tuple(s.strip() for s in a.eval.split(","))
     return CompressConfig(
         model=a.model, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, calib_split=a.calib_split,
@@ -239,7 +247,7 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
         use_mi_grouping=bool(a.use_mi_grouping), grouping=a.grouping, n_groups=a.n_groups,
         target_avg_bits=a.target_avg_bits, bit_choices=bit_choices, eval=evals,
         eval_samples=a.eval_samples, eval_layerwise=bool(a.eval_layerwise), data_dir=a.data_dir,
-        device=a.device, dtype=a.dtype, batch_size=a.batch_size, trust_remote_code=a.trust_remote_code,
+        device=a.device, dtype=a.dtype, batch_size=batch_size, trust_remote_code=a.trust_remote_code,
         revision=a.revision, out=a.out, save=a.save, save_dense=a.save_dense)
 
 
@@ -543,7 +551,7 @@ def compress_model(cfg: CompressConfig, model: nn.Module, calib: torch.Tensor, d
     instead of rerunning the layer for each group. ``on_group(layer_idx, name)`` is called before each
     group's statistics (profiling).
     """
-    walker = LayerWalker(model, device, batch_size=cfg.batch_size)
+    walker = LayerWalker(model, device, batch_size=cfg.batch_size or auto_batch_size(model, cfg.seqlen, device))
     with timer("capture"):
         acts: Activations = walker.capture(calib)
     records: list[dict] = []
@@ -720,6 +728,8 @@ def run(cfg: CompressConfig) -> dict:
                                    trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     model = lm.model
     check_model(cfg, model)
+    if cfg.batch_size is None:   # auto: resolved once, for the compression and the evaluation; the report shows it
+        cfg = replace(cfg, batch_size=auto_batch_size(model, cfg.seqlen, device))
     # Evaluation streams are read before any compression, so a missing file or a too short stream
     # fails in seconds rather than after the heavy work.
     eval_ids = {}

@@ -90,6 +90,31 @@ class Activations:
     layer_kwargs: list[dict[str, Any]]   # per decoder layer, what it receives besides hidden_states (batch 1)
 
 
+AUTO_BATCH_BYTES = 512 << 20  # --batch_size auto: bytes of the widest activation [batch, seqlen, width] of a forward
+AUTO_BATCH_MAX = 32  # --batch_size auto: most windows per forward
+CPU_BATCH = 8  # --batch_size auto on the CPU
+
+
+def auto_batch_size(model: nn.Module, seqlen: int, device: str | torch.device) -> int:
+    """Windows per forward for ``--batch_size auto``.
+
+    # b = max 2^i <= AUTO_BATCH_MAX  with  b * seqlen * max(in, out features of layer 0's linears) * elem <= AUTO_BATCH_BYTES
+
+    On a GPU a small model's passes are bound by kernel launches, not arithmetic: larger batches
+    launch fewer kernels (SmolLM2: 32 windows instead of 8). Vicuna-13B (13824) and LLaMA-7B
+    (11008) at seqlen 2048 in fp16 get 8, as before. CPU_BATCH on the CPU.
+    """
+    if torch.device(device).type != "cuda":
+        return CPU_BATCH
+    layer = get_decoder_layers(model)[0]
+    width = max(max(m.in_features, m.out_features) for m in layer.modules() if isinstance(m, nn.Linear))
+    elem = next(model.parameters()).element_size()
+    b = 1
+    while 2 * b <= AUTO_BATCH_MAX and 2 * b * seqlen * width * elem <= AUTO_BATCH_BYTES:
+        b *= 2
+    return b
+
+
 class LayerWalker:
     """Streams a decoder stack one layer at a time over captured activations."""
 

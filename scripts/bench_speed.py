@@ -208,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--target_avg_bits", type=float, default=4.0)
     p.add_argument("--n_groups", type=int, default=8)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=None, help="windows per forward (default: auto, as vicuna_mi.py)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--layers", type=int, help="keep the first N decoder layers (synthetic models)")
     p.add_argument("--compare_layer", type=int, default=1, help="layer solved with both loops (-1: none)")

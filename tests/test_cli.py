@@ -112,7 +112,7 @@ def test_nan_activations_are_a_clear_error(capsys, monkeypatch, data_dir):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--batch_size", "0"], "--batch_size must be >= 1 or auto"),
     (["--blocksize", "0"], "--blocksize must be >= 1"),
     (["--eval_samples", "0"], "--eval_samples must be >= 1"),
     (["--percdamp", "-1"], "--percdamp must be a positive"),
@@ -126,7 +126,7 @@ def test_nan_activations_are_a_clear_error(capsys, monkeypatch, data_dir):
     (["--bit_choices", "2,4,4"], "repeated width"),
     (["--bit_choices", "2,x"], "comma list of integers"),
     (["--device", "tpu"], "--device must be"),
-    (["--batch_size", "two"], "invalid int value"),
+    (["--batch_size", "two"], "--batch_size must be a positive integer or auto"),
     (["--no_such_flag", "1"], "unrecognized arguments"),
     (["--prunen", "2", "--prunem", "3", "--sparsity", "0"], "--blocksize 128 must be a multiple of --prunem 3"),
 ])

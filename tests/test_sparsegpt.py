@@ -59,6 +59,20 @@ def test_chunked_sums_match_float64(chunk):
     torch.testing.assert_close(stats.sum_x.double(), X.double().sum(0), rtol=1e-6, atol=1e-4)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_sums_do_not_depend_on_the_batch_size_in_whole_chunks(device):
+    """Batches of 1, 2 or 4 chunks give bitwise the same sums (--batch_size auto may change the batch)."""
+    X = correlated_inputs(n=256, d=16).half().to(device)
+    sums = []
+    for per_batch in (32, 64, 128):
+        stats = InputStats(16, device, chunk=32)
+        for start in range(0, 256, per_batch):
+            stats.add(X[start:start + per_batch].reshape(-1, 16, 16))   # [windows, seqlen, in]
+        sums.append((stats.sum_xxT, stats.sum_x))
+    for sxx, sx in sums[1:]:
+        assert torch.equal(sxx, sums[0][0]) and torch.equal(sx, sums[0][1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tensor-core sums need CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_tensor_core_sums_match_float64(dtype):

@@ -173,3 +173,16 @@ def test_walk_on_cuda_from_cpu_weights_reproduces_the_model():
         acts = walker.run(layer, acts)
     assert all(p.device.type == "cpu" for p in model.parameters())
     torch.testing.assert_close(walker.head(acts.hidden).cpu(), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width, seqlen, expected", [(13824, 2048, 8), (11008, 2048, 8), (1536, 2048, 32),
+                                                     (1536, 4096, 32), (13824, 4096, 4), (13824, 65536, 1)])
+def test_auto_batch_size_fits_the_activation_budget(width, seqlen, expected):
+    from walker import AUTO_BATCH_BYTES, CPU_BATCH, auto_batch_size
+    config = LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=width, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).half()
+    b = auto_batch_size(model, seqlen, "cuda")   # reads the shapes only: no GPU needed
+    assert b == expected
+    assert b == 1 or b * seqlen * width * 2 <= AUTO_BATCH_BYTES
+    assert auto_batch_size(model, seqlen, "cpu") == CPU_BATCH
