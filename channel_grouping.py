@@ -234,7 +234,7 @@ def _orthonormalize_on_device(Y: Tensor, eye: Tensor, bad: Tensor) -> Tensor:
 
 
 EIGEN_CUDA_GRAPHS = True  # on CUDA, run the QR steps between two residual checks as one cached CUDA graph
-EIGEN_GRAPH_MAX_D = 8192  # largest d with cached graphs: each keeps a copy of M (256 MiB at 8192, float32)
+EIGEN_GRAPH_MAX_D = 16384  # largest d with cached graphs: each keeps a copy of M (float32: 730 MiB at 13824)
 EIGEN_GRAPHS_KEPT = 4  # shapes whose graphs stay cached (LRU)
 
 
@@ -304,16 +304,20 @@ def _eigen_graphed(M: Tensor) -> bool:
     return M.is_cuda and EIGEN_CUDA_GRAPHS and M.shape[0] <= EIGEN_GRAPH_MAX_D
 
 
+def _lru(cache: OrderedDict, key: tuple, make, kept: int):
+    """cache[key] (made by make() if absent), now the most recently used; at most ``kept`` entries."""
+    value = cache.pop(key, None)
+    if value is None:
+        value = make()
+        while len(cache) >= kept:
+            cache.popitem(last=False)
+    cache[key] = value
+    return value
+
+
 def _eigen_windows(M: Tensor, b: int) -> _EigenWindows:
     """The cached graphs of M's shape and block width b (created if new)."""
-    key = (M.device, M.dtype, M.shape[0], b)
-    w = _EIGEN_WINDOWS.pop(key, None)
-    if w is None:
-        w = _EigenWindows(M, b)
-        while len(_EIGEN_WINDOWS) >= EIGEN_GRAPHS_KEPT:
-            _EIGEN_WINDOWS.popitem(last=False)
-    _EIGEN_WINDOWS[key] = w
-    return w
+    return _lru(_EIGEN_WINDOWS, (M.device, M.dtype, M.shape[0], b), lambda: _EigenWindows(M, b), EIGEN_GRAPHS_KEPT)
 
 
 def top_eigenvectors(
@@ -398,6 +402,22 @@ def _kmeans_plusplus(X: Tensor, k: int, n_init: int, generator: torch.Generator)
     u0 = torch.rand(n_init, generator=generator, dtype=torch.float64)  # u0: [r] first centre
     u = torch.rand(max(k - 1, 0), n_init, trials, generator=generator, dtype=torch.float64).to(X.device)  # u: [k-1, r, t]
     first = (u0 * n).long().clamp_max_(n - 1).to(X.device)  # first: [r]
+    if _graphed(X, KMEANS_MAX_ITER) and k > 1:
+        with _LLOYD_LOCK:  # the cached graphs' buffers: one caller at a time
+            key = (X.device, X.dtype, *X.shape, k, n_init, trials)
+            ids = _lru(_SEEDING_GRAPHS, key, lambda: _SeedingGraph(X, first, u, k, bits), LLOYD_GRAPHS_KEPT).run(X, first, u)
+    else:
+        ids = _seeding_steps(X, first, u, k, bits)
+    return X[ids]
+
+
+def _seeding_steps(X: Tensor, first: Tensor, u: Tensor, k: int, bits: int) -> Tensor:
+    """The k - 1 greedy steps of ``_kmeans_plusplus`` on the device (no host reads: CUDA-graph safe).
+
+    X: [n, f], first: [r] index of each restart's first centre, u: [k-1, r, t] uniform draws.
+    Returns ids: [r, k] the rows of X chosen as centres.
+    """
+    n, n_init, trials = X.shape[0], first.shape[0], u.shape[2]
     ids = torch.empty(n_init, k, dtype=torch.int64, device=X.device)  # ids: [r, k]
     ids[:, 0] = first
     closest = _sq_dist(X[first], X)  # closest: [r, n] = D^2 to the nearest chosen centre
@@ -413,7 +433,38 @@ def _kmeans_plusplus(X: Tensor, k: int, n_init: int, generator: torch.Generator)
         best = dc.sum(2).argmin(1)  # best: [r] candidate of least potential (first on ties)
         closest = dc[rows, best]
         ids[:, c] = cand[rows, best]
-    return X[ids]
+    return ids
+
+
+class _SeedingGraph:
+    """``_seeding_steps`` captured as one CUDA graph per problem shape (~90 small kernels at k = 8).
+
+    Each call copies its points and draws into the graph's buffers; the first call runs eagerly
+    (warm-up) and the second captures. The same kernels on the same values: the same centres.
+    """
+
+    def __init__(self, X: Tensor, first: Tensor, u: Tensor, k: int, bits: int):
+        self.X, self.first, self.u = torch.empty_like(X), torch.empty_like(first), torch.empty_like(u)
+        self.k, self.bits = k, bits
+        self.warm = False
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.ids: Optional[Tensor] = None
+
+    def run(self, X: Tensor, first: Tensor, u: Tensor) -> Tensor:
+        self.X.copy_(X), self.first.copy_(first), self.u.copy_(u)
+        if not self.warm:
+            self.warm = True
+            return _seeding_steps(self.X, self.first, self.u, self.k, self.bits)
+        return self.replay().clone()
+
+    def replay(self) -> Tensor:
+        """The steps on the buffers; the first call captures them."""
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.ids = _seeding_steps(self.X, self.first, self.u, self.k, self.bits)
+        self.graph.replay()
+        return self.ids
 
 
 def _assign(X: Tensor, C: Tensor) -> Tensor:
@@ -513,18 +564,14 @@ class _LloydGraph:
 
 _LLOYD_GRAPHS: "OrderedDict[tuple, _LloydGraph]" = OrderedDict()  # (device, dtype, n, f, r, k) -> graph, LRU
 LLOYD_GRAPHS_KEPT = 8  # shapes whose graphs stay captured (a model has ~4 input widths)
+_SEEDING_GRAPHS: "OrderedDict[tuple, _SeedingGraph]" = OrderedDict()  # k-means++ graphs, LRU as the Lloyd graphs
 _LLOYD_LOCK = threading.Lock()
 
 
 def _lloyd_graph(X: Tensor, Xa: Tensor, C: Tensor) -> tuple[_LloydGraph, bool]:
     """The cached graph of this shape (created empty if new) and whether it is already captured."""
     key = (X.device, X.dtype, X.shape[0], X.shape[1], KMEANS_CHECK_EVERY, *C.shape)
-    g = _LLOYD_GRAPHS.pop(key, None)
-    if g is None:
-        g = _LloydGraph(X, Xa, C)
-        while len(_LLOYD_GRAPHS) >= LLOYD_GRAPHS_KEPT:
-            _LLOYD_GRAPHS.popitem(last=False)
-    _LLOYD_GRAPHS[key] = g
+    g = _lru(_LLOYD_GRAPHS, key, lambda: _LloydGraph(X, Xa, C), LLOYD_GRAPHS_KEPT)
     return g, g.graph is not None
 
 

@@ -231,14 +231,16 @@ class PackedLinear:
 
 def pack_linear(name: str, W: torch.Tensor, W_model: torch.Tensor, mask: torch.Tensor, col_bits: torch.Tensor,
                 labels: Optional[torch.Tensor], grid: Optional[quant.QGrid], prune_n: int = 0,
-                prune_m: int = 0) -> PackedLinear:
-    """Pack one compressed linear in its smallest storage, and check that it decodes to W_model bit for bit.
+                prune_m: int = 0, verify: bool = True) -> PackedLinear:
+    """Pack one compressed linear in its smallest storage, and (verify) check that it decodes to W_model bit for bit.
 
     W: [out, in] float32 weights as the solver left them (``storable``'s first output); W_model: the
     same in the model dtype (what the model holds); mask: [out, in] bool, True = pruned; col_bits:
     [in] width per column; labels: [in] group per column (None = one group); grid: the QGrid
     (scale, zero: [out, in]) the weights were quantized on, or None when no column is quantized.
-    Raises RuntimeError if the weights are not on their grids (a bug, never a user error).
+    Raises RuntimeError if the weights are not on their grids (a bug, never a user error). The
+    decode check (``verify``) is about half the packing's cost; the grid, range and size checks run
+    always.
     """
     rows, cols = W.shape
     device = W.device
@@ -316,6 +318,8 @@ def pack_linear(name: str, W: torch.Tensor, W_model: torch.Tensor, mask: torch.T
         tensors[f"codes_{b}"] = pack_bits(codes.to(torch.int32), b)
     packed = PackedLinear(name, (rows, cols), storage, nm, tensors)
     assert packed.nbytes == sizes[storage], (packed.nbytes, sizes[storage])
+    if not verify:
+        return packed
     decoded = decode_linear(packed.tensors, packed.shape, storage, nm, W_model.dtype, raw_dtype(W_model.dtype), name)
     if not _bitwise_equal(decoded, W_model):
         raise RuntimeError(f"{name}: packed weights do not decode to the compressed weights")

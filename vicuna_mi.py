@@ -442,8 +442,10 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
         W_sub, W_model = checkpoint.storable(W_new[row:row + rows], col_bits, module.weight.dtype)
         module.weight.data.copy_(W_model)
         with timer("pack"):   # on CUDA only the hand-over to the packer's thread
+            # Every packed sub-layer of a saved checkpoint is decoded and compared; otherwise the first
+            # layer's are (a packing bug shows there) and the sizes come from the packed tensors.
             packed.append(packer.submit(name, W_sub, W_model, sub_mask, col_bits, sub_labels, sub_grid,
-                                        cfg.prunen, cfg.prunem))
+                                        cfg.prunen, cfg.prunem, verify=bool(cfg.save) or layer_idx == 0))
         n_zero = int((W_model == 0).sum())
         kept_per_col = (~sub_mask).sum(dim=0).double().cpu()          # [in] weights the solver kept
         n_kept = int(kept_per_col.sum())

@@ -800,26 +800,33 @@ def test_cached_lloyd_buffers_give_the_uncached_result(monkeypatch):
         self.graph = "captured"  # what replay() does on CUDA, without the graph
         return cg._lloyd_steps(self.X, self.Xa, self.C, self.done, self.tol, cg.KMEANS_CHECK_EVERY)
 
-    cg._LLOYD_GRAPHS.clear()
+    def eager_seeding(self):
+        self.graph = "captured"
+        return cg._seeding_steps(self.X, self.first, self.u, self.k, self.bits)
+
+    cg._LLOYD_GRAPHS.clear(), cg._SEEDING_GRAPHS.clear()
     monkeypatch.setattr(cg, "_graphed", lambda X, max_iter: max_iter >= cg.KMEANS_CHECK_EVERY)
     monkeypatch.setattr(cg._LloydGraph, "replay", eager_replay)
+    monkeypatch.setattr(cg._SeedingGraph, "replay", eager_seeding)
     monkeypatch.setattr(cg, "LLOYD_GRAPHS_KEPT", 2)
     out = [cg.kmeans(problem(s, n), 8, seed=s) for s, n in cases]
     assert all(torch.equal(a, b) for a, b in zip(ref, out))
     assert len(cg._LLOYD_GRAPHS) == 2  # three shapes met, the least recently used one dropped
-    cg._LLOYD_GRAPHS.clear()
+    assert len(cg._SEEDING_GRAPHS) == 2 and all(g.graph == "captured" for g in cg._SEEDING_GRAPHS.values())
+    cg._LLOYD_GRAPHS.clear(), cg._SEEDING_GRAPHS.clear()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_kmeans_reuses_one_captured_graph_per_shape(monkeypatch):
     import channel_grouping as cg
-    cg._LLOYD_GRAPHS.clear()
+    cg._LLOYD_GRAPHS.clear(), cg._SEEDING_GRAPHS.clear()
     results = []
     for seed in range(3):  # one shape, three problems: captured once, replayed with new data
         g = torch.Generator().manual_seed(seed)
         Y = torch.randn(900, 8, generator=g)
         results.append(cg.kmeans((Y / Y.norm(dim=1, keepdim=True)).cuda(), 8, seed=seed))
-    assert len(cg._LLOYD_GRAPHS) == 1
+    assert len(cg._LLOYD_GRAPHS) == 1 and len(cg._SEEDING_GRAPHS) == 1
+    assert next(iter(cg._SEEDING_GRAPHS.values())).graph is not None  # captured on the second call, replayed on the third
     monkeypatch.setattr(cg, "KMEANS_CUDA_GRAPHS", False)
     for seed, graphed in enumerate(results):
         g = torch.Generator().manual_seed(seed)

@@ -323,3 +323,33 @@ def test_reloaded_checkpoint_says_it_was_packed(tiny_dir, calib, tmp_path):
     compress_and_save(tiny_dir, calib, tmp_path / "ck", sparsity=0.5, n_groups=2)
     lm = modelutils.load_model(str(tmp_path / "ck"))
     assert lm.weights_format == checkpoint.PACKED and lm.checkpoint_dtype == "float32"
+
+
+def test_unverified_packing_gives_the_same_tensors():
+    torch.manual_seed(1)
+    rows, cols = 16, 48
+    W = torch.randn(rows, cols)
+    labels = torch.arange(cols) % 3
+    bits = [2, 4, 16]
+    grid = quant.group_grid(W, labels, bits)
+    result = sparsegpt.sparsegpt_solve(W, torch.eye(cols) * 2, sparsity=0.5, block_size=16, grid=grid)
+    col_bits = torch.tensor(bits)[labels]
+    W32, W_model = checkpoint.storable(result.weight, col_bits, torch.float16)
+    args = ("x", W32, W_model, result.mask, col_bits, labels, grid)
+    a, b = checkpoint.pack_linear(*args), checkpoint.pack_linear(*args, verify=False)
+    assert (a.storage, a.nbytes) == (b.storage, b.nbytes) and a.tensors.keys() == b.tensors.keys()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_compression_decodes_the_first_layer_or_every_saved_layer(monkeypatch, tmp_path, data_dir, save):
+    import vicuna_mi
+    flags = []
+    pack = checkpoint.pack_linear
+    monkeypatch.setattr(checkpoint, "pack_linear",
+                        lambda name, *a, verify=True, **k: (flags.append((name, verify)), pack(name, *a, verify=verify, **k))[1])
+    args = ["synthetic:tiny", "c4", "--nsamples", "2", "--seqlen", "16", "--eval", "none", "--data_dir", data_dir,
+            "--out", str(tmp_path / "r.json")] + (["--save", str(tmp_path / "ckpt")] if save else [])
+    assert vicuna_mi.main(args) == 0
+    assert len(flags) == 2 * 7
+    assert [v for _, v in flags] == [True] * 7 + [save] * 7   # layer 0 always, the rest when saved
