@@ -107,7 +107,8 @@ def auto_batch_size(model: nn.Module, seqlen: int, device: str | torch.device) -
     if torch.device(device).type != "cuda":
         return CPU_BATCH
     layer = get_decoder_layers(model)[0]
-    width = max(max(m.in_features, m.out_features) for m in layer.modules() if isinstance(m, nn.Linear))
+    width = max((max(m.in_features, m.out_features) for m in layer.modules() if isinstance(m, nn.Linear)),
+                default=getattr(model.config, "hidden_size", 1))
     elem = next(model.parameters()).element_size()
     b = 1
     while 2 * b <= AUTO_BATCH_MAX and 2 * b * seqlen * width * elem <= AUTO_BATCH_BYTES:
