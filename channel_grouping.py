@@ -437,7 +437,7 @@ def _seeding_steps(X: Tensor, first: Tensor, u: Tensor, k: int, bits: int) -> Te
 
 
 class _SeedingGraph:
-    """``_seeding_steps`` captured as one CUDA graph per problem shape (~90 small kernels at k = 8).
+    """``_seeding_steps`` captured as one CUDA graph per problem shape (k - 1 steps of about a dozen small kernels).
 
     Each call copies its points and draws into the graph's buffers; the first call runs eagerly
     (warm-up) and the second captures. The same kernels on the same values: the same centres.
