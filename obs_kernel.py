@@ -47,7 +47,11 @@ def _kernel(interpret: bool):
     import triton.language as tl
     from triton.language.extra import libdevice
 
-    @triton.jit
+    # Row counts, column counts and row strides are runtime values the kernel is not specialised on:
+    # its compiled forms depend on the constexprs alone (and unit column strides, aligned pointers),
+    # so ``precompile`` can build every form a solve will launch without knowing the model's shapes.
+    @triton.jit(do_not_specialize=["stride_w_row", "stride_e_row", "stride_u_row", "stride_m_row", "stride_g_row",
+                                   "rows", "count"])
     def obs_block_kernel(
             W_ptr, stride_w_row, stride_w_col,   # W block [rows, count], float32: read, then overwritten with Q
             E_ptr, stride_e_row,                 # errors [rows, count], float32, out
@@ -168,3 +172,70 @@ def obs_block(W_block: torch.Tensor, U_block: torch.Tensor, err: torch.Tensor, m
         HAS_GRID=grid is not None, PRUNE_N=prune_n, STEP=prune_m if prune_n else 1,
         BLOCK_R=block_r, BLOCK_C=block_c, RINT=not interpreting(), num_warps=num_warps or default_warps,
         enable_fp_fusion=False)   # every product and sum rounded on its own, as in the PyTorch loop
+
+
+def tile_widths(block_size: int) -> list[int]:
+    """The BLOCK_C of every block a solve with ``block_size`` can launch: full and ragged last blocks."""
+    return sorted({max(16, 1 << (count - 1).bit_length()) for count in range(1, block_size + 1)})
+
+
+def precompile(has_grid: bool, prune_n: int, prune_m: int, block_size: int, device: torch.device | str) -> int:
+    """Compile (into Triton's on-disk cache) every form of the kernel a solve with these settings launches.
+
+    One launch per tile width (``tile_widths``) on dummy tensors laid out as ``sparsegpt_solve``'s
+    (unit column strides, fresh aligned storage), with a column count the solve can meet at that
+    width (N:M: a multiple of M). Returns the number of forms launched.
+    """
+    launched = 0
+    for width in tile_widths(block_size):
+        lo, hi = (1 if width == 16 else width // 2 + 1), min(width, block_size)   # counts that launch this width
+        count = hi // prune_m * prune_m if prune_n else hi
+        if count < lo:
+            continue   # N:M: no multiple of M falls in this width
+        W = torch.zeros(16, count, device=device)
+        grid = QGrid(torch.ones_like(W), torch.zeros_like(W), torch.full_like(W, 15.0)) if has_grid else None
+        obs_block(W, torch.eye(count, device=device), torch.empty_like(W), torch.zeros_like(W, dtype=torch.bool),
+                  grid, prune_n, prune_m)
+        launched += 1
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return launched
+
+
+def precompile_in_background(has_grid: bool, prune_n: int, prune_m: int, block_size: int,
+                             device: torch.device) -> Optional["subprocess.Popen"]:
+    """Start ``precompile`` in a child process (CUDA with Triton only); None where there is nothing to do.
+
+    On a machine whose Triton cache is empty, compiling the kernel's forms took ~2 s of the first
+    layer's solve (H100, SmolLM2). A child process compiles them while the parent loads the model:
+    its own interpreter, so no GIL is shared; the parent's first launch then reads the cache (a
+    form the child has not finished is compiled by the parent as before, and Triton writes its
+    cache entries atomically). The child imports this module by name, as the parent does: Triton's
+    cache key holds the kernel's module. Its output is discarded: it changes nothing but the cache.
+    """
+    import subprocess
+    import sys
+
+    if device.type != "cuda" or interpreting() or not triton_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    args = ["--grid", str(int(has_grid)), "--prune_n", str(prune_n), "--prune_m", str(prune_m),
+            "--block_size", str(block_size), "--device", f"cuda:{index}"]
+    code = "import sys, obs_kernel; sys.exit(obs_kernel.main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``precompile`` from the command line (the child of ``precompile_in_background``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile the fused column loop's kernel forms into Triton's cache.")
+    parser.add_argument("--grid", type=int, choices=(0, 1), required=True)
+    parser.add_argument("--prune_n", type=int, default=0)
+    parser.add_argument("--prune_m", type=int, default=0)
+    parser.add_argument("--block_size", type=int, required=True)
+    parser.add_argument("--device", default="cuda")
+    a = parser.parse_args(argv)
+    print(f"compiled {precompile(bool(a.grid), a.prune_n, a.prune_m, a.block_size, a.device)} forms")
+    return 0

@@ -33,6 +33,7 @@ import datautils
 import eval_ppl
 import mi_estimator
 import modelutils
+import obs_kernel
 import quant
 import sparsegpt
 from walker import Activations, LayerWalker, auto_batch_size, get_decoder_layers
@@ -725,6 +726,19 @@ def run(cfg: CompressConfig) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     timer = StageTimer(device)
     t0 = time.perf_counter()
+    # The fused column loop's Triton kernels compile in a child process while the model loads.
+    compiling = obs_kernel.precompile_in_background(cfg.quantize, cfg.prunen, cfg.prunem, cfg.blocksize, device) \
+        if cfg.method == "sparsegpt" and (cfg.prune or cfg.quantize) else None
+    try:
+        return _run(cfg, device, timer, t0)
+    finally:
+        if compiling is not None:   # long done after a full run; an early error or a tiny model leaves no orphan
+            if compiling.poll() is None:
+                compiling.kill()   # Triton writes each cache entry atomically: a killed child leaves none half-written
+            compiling.wait()
+
+
+def _run(cfg: CompressConfig, device: torch.device, timer: StageTimer, t0: float) -> dict:
     with timer("load"):
         lm = modelutils.load_model(cfg.model, device=str(device), dtype=cfg.dtype,
                                    trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)

@@ -74,7 +74,28 @@ def interpreter_results() -> dict:
     plain, fused = sparsegpt_solve(W, H, fused=False, **args), sparsegpt_solve(W, H, fused=True, **args)
     results["dead column"] = (bool(torch.equal(plain.mask, fused.mask)), (fused.weight - plain.weight).abs().max().item(),
                               bool((fused.weight[:, 7] == 0).all()))
+    results["precompile"] = precompile_coverage()
     return results
+
+
+def precompile_coverage() -> dict:
+    """Tile widths ``obs_kernel.precompile`` launches vs those real solves launch (block 32), per pattern."""
+    seen: list[int] = []
+    tile_shape = obs_kernel._tile_shape
+    obs_kernel._tile_shape = lambda block_c: (seen.append(block_c), tile_shape(block_c))[1]
+    coverage = {}
+    for name, (n, m, widths) in {"unstructured": (0, 0, (72, 48, 80, 90, 32, 7)), "2:4": (2, 4, (72, 44, 36)),
+                                 "16:32": (16, 32, (96, 64))}.items():
+        seen.clear()
+        forms = obs_kernel.precompile(True, n, m, 32, "cpu")
+        compiled = sorted(set(seen))
+        seen.clear()
+        for d in widths:
+            W, H, grid = problem(rows=6, d=d, seed=d)
+            sparsegpt_solve(W, H, sparsity=0.0 if n else 0.5, prune_n=n, prune_m=m, grid=grid, block_size=32, fused=True)
+        coverage[name] = (forms, compiled, sorted(set(seen)))
+    obs_kernel._tile_shape = tile_shape
+    return coverage
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +107,38 @@ def interpreted():
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_precompile_launches_every_tile_width_a_solve_launches(interpreted):
+    """The child of ``precompile_in_background`` compiles every kernel form the solves use (the
+    kernel is specialised on its constexprs only: tile width, grid, N:M)."""
+    cov = interpreted["precompile"]
+    assert cov["unstructured"][1] == [16, 32] and cov["unstructured"][0] == 2   # block 32: full and short blocks
+    assert cov["2:4"][1] == [16, 32]
+    assert cov["16:32"][1] == [32]   # a block of 16 columns cannot hold a group of 32
+    for forms, compiled, used in cov.values():
+        assert set(used) <= set(compiled), (used, compiled)
+
+
+def test_precompile_in_background_is_cuda_only():
+    assert obs_kernel.precompile_in_background(True, 0, 0, 128, torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and obs_kernel.triton_available()), reason="needs CUDA and Triton")
+def test_precompiled_cache_serves_a_fresh_process(tmp_path, monkeypatch):
+    """After the child's precompile, a fresh process's solves compile nothing: no new Triton cache entry."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))   # the child inherits it
+    env = {**os.environ}
+    assert obs_kernel.precompile_in_background(True, 0, 0, 128, torch.device("cuda")).wait(timeout=300) == 0
+    entries = {p.name for p in tmp_path.iterdir() if p.is_dir()}
+    assert entries
+    solve = ("import torch, tests.test_obs_kernel as t\n"
+             "for rows, d in ((300, 200), (96, 584), (40, 128)):\n"
+             "    W, H, grid = t.problem(rows=rows, d=d, seed=rows)\n"
+             "    t.solve_both(W, H, grid, device='cuda', quantize=True, sparsity=0.5)\n")
+    run = subprocess.run([sys.executable, "-c", solve], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == entries
 
 
 @pytest.mark.parametrize("case", [*CASES, "dead column"])
