@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -829,6 +829,7 @@ def column_errors(
     bit_choices: list[int],
     keep_mask: Tensor | None = None,
     sym: bool = False,
+    row_splits: Sequence[int] | None = None,
 ) -> Tensor:
     """Hessian-diagonal-weighted quantisation error of each input channel at each width.
 
@@ -840,11 +841,15 @@ def column_errors(
     still covers the dense W. A group's error is the sum of its columns' errors. Computed in
     float32, summed in float64.
 
+    ``row_splits`` (the row counts of sub-layers stacked in W, e.g. q/k/v, which share labels and
+    h): one pass over the stacked rows and one sum per sub-layer, bitwise each sub-layer's own call
+    (every row's grid and errors depend on that row alone; each sum runs on a contiguous slice).
+
     Args:
         W: [out, in]; h_diag: [in] (>= 0); labels: [in] int64 in [0, n_groups);
-        keep_mask: [out, in] bool or None.
+        keep_mask: [out, in] bool or None; row_splits: positive ints adding up to out, or None.
     Returns:
-        errors: [in, len(bit_choices)] float64.
+        errors: [in, len(bit_choices)] float64, or [len(row_splits), in, len(bit_choices)] with row_splits.
     """
     if W.dim() != 2:
         raise ValueError(f"W must be [out, in], got {tuple(W.shape)}")
@@ -858,6 +863,9 @@ def column_errors(
     if keep_mask is not None and (keep_mask.shape != W.shape or keep_mask.dtype != torch.bool):
         raise ValueError(f"keep_mask must be bool [{out_f}, {in_f}], got {keep_mask.dtype} {tuple(keep_mask.shape)}")
     bits = _check_bits(bit_choices)
+    splits = [out_f] if row_splits is None else [int(r) for r in row_splits]
+    if row_splits is not None and (any(r < 1 for r in splits) or sum(splits) != out_f):
+        raise ValueError(f"row_splits must be positive row counts adding up to {out_f}, got {row_splits}")
     if in_f > 0:  # one host read for all the checks (each read waits for the device)
         lab_lo, lab_hi, w_ok, h_ok, h_lo = torch.stack([t.double().to(W.device) for t in (
             labels.min(), labels.max(), torch.isfinite(W).all(), torch.isfinite(h_diag).all(), h_diag.min())]).tolist()
@@ -874,10 +882,10 @@ def column_errors(
     Wf = W.to(torch.float32)  # Wf: [out, in]
     lab = labels.to(device=device, dtype=torch.int64)
     h_row = h_diag.to(device=device, dtype=torch.float32)[None, :]  # h_row: [1, in]
-    errors = torch.zeros(in_f, len(bits), dtype=torch.float64, device=device)
+    errors = torch.zeros(len(splits), in_f, len(bits), dtype=torch.float64, device=device)  # [S, in, C]
     widths = [(c, b) for c, b in enumerate(bits) if b < quant.NO_QUANT_BITS]  # width 16: error 0
     if not widths or out_f == 0 or in_f == 0:
-        return errors
+        return errors if row_splits is not None else errors[0]
     xmin, xmax = quant.group_ranges(Wf, lab, n_groups)  # [out, n_groups]: the same for every width
     # The grids of every width at once (elementwise: the values group_scales gives width by width).
     maxq_w = torch.tensor([2.0 ** b - 1 for _, b in widths], dtype=torch.float32).to(device, non_blocking=True)
@@ -885,6 +893,7 @@ def column_errors(
     # Row blocks small enough to stay in the CPU caches (one block on a GPU). Every element gets the
     # float32 operations of quant.quantize on quant.group_grid's grid, and the float64 sum over the
     # rows runs on the whole matrix (as sum(dtype=float64) does after converting it): bitwise equal.
+    bounds = [0, *itertools.accumulate(splits)]  # sub-layer s: rows bounds[s]:bounds[s + 1]
     block = out_f if device.type != "cpu" else max(1, COLUMN_ERRORS_BLOCK // in_f)
     sq = torch.empty(out_f, in_f, dtype=torch.float64, device=device)  # sq: [out, in] weighted squared errors
     t_buf = torch.empty(min(block, out_f), in_f, dtype=torch.float32, device=device)  # scratch: [block, in]
@@ -908,8 +917,9 @@ def column_errors(
                 torch.mul(h_row, keep_mask[r0:r1], out=w_buf[:n])  # h_j [kept]
                 t.mul_(w_buf[:n])
             sq[r0:r1].copy_(t)
-        errors[:, c] = sq.sum(0)
-    return errors
+        for i_s in range(len(splits)):
+            errors[i_s, :, c] = sq[bounds[i_s]:bounds[i_s + 1]].sum(0)
+    return errors if row_splits is not None else errors[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -957,33 +967,35 @@ def _min_error_by_cost(costs: np.ndarray, errors: np.ndarray, cap: int) -> tuple
 
 def _min_error_by_cost_all(costs: np.ndarray, errors: np.ndarray, cap: int,
                            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """``_min_error_by_cost`` of every group's complement at once, as torch ops on ``device``.
+    """``_min_error_by_cost`` of every group's complement at once, for S error tables, as torch ops on ``device``.
 
     # dp_g = knapsack over the groups h != g, in increasing h (row g skips its own step)
-    # step h: cand[g, c, x] = dp[g, x - costs[h, c]] + errors[h, c];  dp[g, x] <- min_c cand[g, c, x]
+    # step h: cand[s, g, c, x] = dp[s, g, x - costs[h, c]] + errors[s, h, c];  dp[s, g, x] <- min_c cand[s, g, c, x]
 
-    Row g of a [G, cap + 1] table runs the same float64 additions and minima as
-    ``_min_error_by_cost(costs[others], errors[others], cap)`` with others = [h != g], so the
+    Row (s, g) of an [S, G, cap + 1] table runs the same float64 additions and minima as
+    ``_min_error_by_cost(costs[others], errors[s, others], cap)`` with others = [h != g], so the
     tables are bitwise equal: a minimum is exact whatever the order, and the first width of least
     error wins as there (strict comparisons keep the narrowest). Each group's step is a few tensor
-    ops over all rows and widths (the shifted reads as one gather), not a loop over widths.
+    ops over all tables, rows and widths (the shifted reads as one gather), not a loop over widths;
+    the S tables (sub-layers sharing one grouping, hence the same costs) cost the launches of one.
 
-    Returns dp: [G, cap + 1] float64 and choice: [G, G, cap + 1] int8, choice[g, h] the width index
-    of group h in row g's best combinations (choice[g, g] unused).
+    Args: costs: [G, C] int64; errors: [S, G, C] float64.
+    Returns dp: [S, G, cap + 1] float64 and choice: [S, G, G, cap + 1] int8, choice[s, g, h] the
+    width index of group h in row (s, g)'s best combinations (choice[s, g, g] unused).
     """
-    G, C = costs.shape
+    S, G, C = errors.shape
     x = torch.arange(cap + 1, device=device)
     shift = x - torch.from_numpy(np.ascontiguousarray(costs)).to(device, non_blocking=True).unsqueeze(2)  # [G, C, cap+1] = x - cost
-    err = torch.from_numpy(np.ascontiguousarray(errors, dtype=np.float64)).to(device, non_blocking=True)  # [G, C]
-    dp = torch.full((G, cap + 1), math.inf, dtype=torch.float64, device=device)
-    dp[:, 0] = 0.0
-    choice = torch.zeros(G, G, cap + 1, dtype=torch.int8, device=device)
+    err = torch.from_numpy(np.ascontiguousarray(errors, dtype=np.float64)).to(device, non_blocking=True)  # [S, G, C]
+    dp = torch.full((S, G, cap + 1), math.inf, dtype=torch.float64, device=device)
+    dp[:, :, 0] = 0.0
+    choice = torch.zeros(S, G, G, cap + 1, dtype=torch.int8, device=device)
     for h in range(G):
-        cand = dp[:, shift[h].clamp(min=0)].add_(err[h].view(1, C, 1))  # cand: [G, C, cap + 1]
-        cand.masked_fill_((shift[h] < 0).unsqueeze(0), math.inf)  # costs above x (all of x for a width above cap)
-        best, c = cand.min(dim=1)  # best: [G, cap + 1]; c: the first width of least error
-        choice[:, h] = c.to(torch.int8)
-        best[h] = dp[h]  # row h leaves its own group out
+        cand = dp[:, :, shift[h].clamp(min=0)].add_(err[:, h].view(S, 1, C, 1))  # cand: [S, G, C, cap + 1]
+        cand.masked_fill_(shift[h] < 0, math.inf)  # costs above x (all of x for a width above cap)
+        best, c = cand.min(dim=2)  # best: [S, G, cap + 1]; c: the first width of least error
+        choice[:, :, h] = c.to(torch.int8)
+        best[:, h] = dp[:, h]  # row h leaves its own group out
         dp = best
     return dp.cpu().numpy(), choice.cpu().numpy()
 
@@ -1023,13 +1035,26 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
         0..G-1 all non-empty; target_avg: in [min, max] of bit_choices; device: where the knapsacks
         run as one torch table (None: numpy on the host, one knapsack per group).
     """
+    return allocate_bits_many([col_errors], labels, bit_choices, target_avg, device)[0]
+
+
+def allocate_bits_many(col_errors: Sequence[Tensor] | Tensor, labels: Tensor, bit_choices: list[int], target_avg: float,
+                       device: torch.device | str | None = None) -> list[BitAllocation]:
+    """``allocate_bits`` of several column-error tables that share ``labels`` (the sub-layers of one input).
+
+    Each result is bitwise that table's own ``allocate_bits``; with ``device``, the knapsack tables of
+    all of them are one torch computation (``_min_error_by_cost_all``: one set of launches and one
+    host read instead of one per sub-layer). col_errors: S tensors [d, C] (or one [S, d, C]).
+    """
     bits_in = _check_bits(bit_choices)
     if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
         raise ValueError(f"labels must be a non-empty integer tensor [d], got {labels.dtype} {tuple(labels.shape)}")
     d = labels.shape[0]
-    if col_errors.shape != (d, len(bits_in)):
-        raise ValueError(f"col_errors must be [{d}, {len(bits_in)}], got {tuple(col_errors.shape)}")
-    _check_finite("col_errors", col_errors)
+    col_errors = [t.detach().cpu() for t in col_errors]  # one copy each (a [S, d, C] tensor: S views of one)
+    for t in col_errors:
+        if t.shape != (d, len(bits_in)):
+            raise ValueError(f"col_errors must be [{d}, {len(bits_in)}], got {tuple(t.shape)}")
+        _check_finite("col_errors", t)
     if not math.isfinite(target_avg):
         raise ValueError(f"target_avg must be finite, got {target_avg}")
     if not min(bits_in) <= target_avg <= max(bits_in):
@@ -1044,9 +1069,10 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
 
     order = sorted(range(len(bits_in)), key=lambda c: bits_in[c])
     bits = np.array([bits_in[c] for c in order], dtype=np.int64)  # bits: [C] ascending
-    col_err = col_errors.detach().cpu().to(torch.float64).numpy()[:, order]  # col_err: [d, C]
-    E = np.zeros((G, len(order)))
-    np.add.at(E, lab, col_err)  # E: [G, C] summed column errors of each group at each width
+    col_errs = [t.to(torch.float64).numpy()[:, order] for t in col_errors]  # S x col_err: [d, C]
+    Es = np.zeros((len(col_errs), G, len(order)))  # Es[s]: [G, C] summed column errors of each group at each width
+    for E_s, col_err in zip(Es, col_errs):
+        np.add.at(E_s, lab, col_err)
     costs = sizes[:, None] * bits[None, :]  # costs: [G, C] bits of a whole group at each width
     target = target_avg * d  # total bits asked for
     lo, hi = target - 0.01 * d, target + min(0.5, 0.01 * d)  # accepted totals
@@ -1056,96 +1082,102 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
     members = np.argsort(lab, kind="stable")  # the columns of each group, ascending, group after group
     starts = np.concatenate([[0], np.cumsum(sizes)])
 
-    def candidates(dp: np.ndarray, g: int, saved: np.ndarray, xi: np.ndarray, above: bool) -> tuple[np.ndarray, ...]:
-        """Best x per (a, b, m choice) of split group g among the other groups' totals xi: [P, W] ascending.
-
-        m is the most channels keeping the total <= hi and, with ``above``, also one more (the closest
-        total above, which is never accepted unless it equals the first). Returns miss, err, x, m:
-        [P * (1 + above)] in (a, b), m order (the order the candidates are compared in).
-        """
-        n_g = int(sizes[g])
-        base = xi + n_g * bits[A][:, None]  # base: [P, W] bits before the split
-        m_top = np.floor((hi - base) / step[:, None])  # most channels keeping the total <= hi
-        m = np.stack([np.clip(m_top, 0, n_g)] + [np.clip(m_top + 1, 0, n_g)] * above, 1)  # [P, 1 + above, W]
-        total = base[:, None] + m * step[:, None, None]  # total: [P, 1 + above, W] integers
-        miss = np.where((total >= lo) & (total <= hi), 0.0, np.abs(total - target))
-        dp_x = dp[xi.astype(np.int64)][:, None, :]  # [P, 1, W]
-        miss = np.where((total <= target + 0.01 * d) & (dp_x < math.inf), miss, math.inf)
-        err = dp_x + E[g, A][:, None, None] - np.take_along_axis(saved[:, None, :], m.astype(np.int64), 2)
-        p = np.where(miss == miss.min(2, keepdims=True), err, math.inf).argmin(2)[..., None]  # [P, 1 + above, 1] best x
-        take = lambda t: np.take_along_axis(t, p, 2).ravel()  # noqa: E731
-        return take(miss), take(err), take(np.broadcast_to(xi[:, None, :], m.shape)), take(m)
-
-    def split_group(g: int) -> Optional[tuple]:
-        """Split group g: the other groups' knapsack, each pair's cumulative error saved by moving its
-        m channels of largest own gain from a to b, and the best candidate of each (a, b) whose total
-        lies in the accepted window [lo - n_g b_hi, hi - n_g b_lo] of x (a few times fewer x than [0, cap])."""
-        n_g = int(sizes[g])
-        cap = math.floor(target + 0.01 * d) - n_g * int(bits[0])  # most bits the other groups may take
-        if cap < 0:
-            return None
-        others = [h for h in range(G) if h != g]
-        if tables is not None:  # row g of the tables of all groups (values at costs <= cap do not depend on cap)
-            dp, choice = tables[0][g, : cap + 1], tables[1][g, others, : cap + 1]
-        else:
-            dp, choice = _min_error_by_cost(costs[others], E[others], cap)  # dp: [cap + 1]
-        cols = members[starts[g]:starts[g + 1]]  # cols: [n_g]
-        gain = -np.sort(-(col_err[cols][:, A] - col_err[cols][:, B]), axis=0)  # gain: [n_g, P] descending
-        saved = np.concatenate([np.zeros((1, len(pairs))), np.cumsum(gain, axis=0)]).T  # saved: [P, n_g + 1]
-        xs = np.clip(np.ceil(lo - n_g * bits[B]), 0, cap)  # xs, xe: [P] accepted x lie in [xs, xe]
-        xe = np.clip(np.floor(hi - n_g * bits[A]), 0, cap)
-        xi = np.minimum(xs[:, None] + np.arange(int((xe - xs).max()) + 1), xe[:, None])  # [P, W]
-        return g, others, cap, dp, choice, saved, candidates(dp, g, saved, xi, above=False)
-
-    # The G split groups are independent: threads (numpy releases the GIL in the vector work).
-    todo = range(G if len(pairs) else 0)  # one width: nothing to choose
-    tables = None
+    tables_all = None
     max_cap = math.floor(target + 0.01 * d) - int(sizes.min()) * int(bits[0])  # the largest cap (the smallest split group)
     if device is not None and len(pairs) and max_cap >= 0:
-        tables = _min_error_by_cost_all(costs, E, max_cap, torch.device(device))
-    if G > 1 and d >= ALLOC_THREADS_MIN_D and tables is None:
-        with ThreadPoolExecutor(max_workers=min(G, os.cpu_count() or 1)) as pool:
-            per_group = [r for r in pool.map(split_group, todo) if r is not None]
-    else:
-        per_group = [r for r in map(split_group, todo) if r is not None]
+        tables_all = _min_error_by_cost_all(costs, Es, max_cap, torch.device(device))  # [S, G, cap + 1], [S, G, G, cap + 1]
 
-    # best: (distance to the target unless accepted, error, g, a, b, x, m, others, knapsack choice).
-    # Accepted candidates first; the whole range of x only when no candidate anywhere is accepted.
-    # Ties go to the first g, pair, m choice and x, as in a scan of the whole range.
-    best: tuple[float, float, int, int, int, int, int, list[int], np.ndarray] | None = None
-    for window in (True, False):
-        for g, others, cap, dp, choice, saved, windowed in per_group:
-            if window:
-                miss, err, xp, mp = windowed
+    def one(col_err: np.ndarray, E: np.ndarray, tables: Optional[tuple[np.ndarray, np.ndarray]]) -> BitAllocation:
+        """The allocation of one table: col_err [d, C] (ascending widths), E [G, C], its knapsack tables or None."""
+        def candidates(dp: np.ndarray, g: int, saved: np.ndarray, xi: np.ndarray, above: bool) -> tuple[np.ndarray, ...]:
+            """Best x per (a, b, m choice) of split group g among the other groups' totals xi: [P, W] ascending.
+
+            m is the most channels keeping the total <= hi and, with ``above``, also one more (the closest
+            total above, which is never accepted unless it equals the first). Returns miss, err, x, m:
+            [P * (1 + above)] in (a, b), m order (the order the candidates are compared in).
+            """
+            n_g = int(sizes[g])
+            base = xi + n_g * bits[A][:, None]  # base: [P, W] bits before the split
+            m_top = np.floor((hi - base) / step[:, None])  # most channels keeping the total <= hi
+            m = np.stack([np.clip(m_top, 0, n_g)] + [np.clip(m_top + 1, 0, n_g)] * above, 1)  # [P, 1 + above, W]
+            total = base[:, None] + m * step[:, None, None]  # total: [P, 1 + above, W] integers
+            miss = np.where((total >= lo) & (total <= hi), 0.0, np.abs(total - target))
+            dp_x = dp[xi.astype(np.int64)][:, None, :]  # [P, 1, W]
+            miss = np.where((total <= target + 0.01 * d) & (dp_x < math.inf), miss, math.inf)
+            err = dp_x + E[g, A][:, None, None] - np.take_along_axis(saved[:, None, :], m.astype(np.int64), 2)
+            p = np.where(miss == miss.min(2, keepdims=True), err, math.inf).argmin(2)[..., None]  # [P, 1 + above, 1] best x
+            take = lambda t: np.take_along_axis(t, p, 2).ravel()  # noqa: E731
+            return take(miss), take(err), take(np.broadcast_to(xi[:, None, :], m.shape)), take(m)
+
+        def split_group(g: int) -> Optional[tuple]:
+            """Split group g: the other groups' knapsack, each pair's cumulative error saved by moving its
+            m channels of largest own gain from a to b, and the best candidate of each (a, b) whose total
+            lies in the accepted window [lo - n_g b_hi, hi - n_g b_lo] of x (a few times fewer x than [0, cap])."""
+            n_g = int(sizes[g])
+            cap = math.floor(target + 0.01 * d) - n_g * int(bits[0])  # most bits the other groups may take
+            if cap < 0:
+                return None
+            others = [h for h in range(G) if h != g]
+            if tables is not None:  # row g of the tables of all groups (values at costs <= cap do not depend on cap)
+                dp, choice = tables[0][g, : cap + 1], tables[1][g, others, : cap + 1]
             else:
-                xi = np.broadcast_to(np.arange(cap + 1, dtype=np.float64), (len(pairs), cap + 1))
-                miss, err, xp, mp = candidates(dp, g, saved, xi, above=True)
-            i = int(np.lexsort((err, miss))[0])  # least (miss, error); ties: the first
-            if window and miss[i] > 0:
-                continue
-            if best is None or (float(miss[i]), float(err[i])) < best[:2]:
-                k = i if window else i // 2
-                best = (float(miss[i]), float(err[i]), g, int(A[k]), int(B[k]), int(xp[i]), int(mp[i]), others, choice)
-        if best is not None:
-            break
+                dp, choice = _min_error_by_cost(costs[others], E[others], cap)  # dp: [cap + 1]
+            cols = members[starts[g]:starts[g + 1]]  # cols: [n_g]
+            gain = -np.sort(-(col_err[cols][:, A] - col_err[cols][:, B]), axis=0)  # gain: [n_g, P] descending
+            saved = np.concatenate([np.zeros((1, len(pairs))), np.cumsum(gain, axis=0)]).T  # saved: [P, n_g + 1]
+            xs = np.clip(np.ceil(lo - n_g * bits[B]), 0, cap)  # xs, xe: [P] accepted x lie in [xs, xe]
+            xe = np.clip(np.floor(hi - n_g * bits[A]), 0, cap)
+            xi = np.minimum(xs[:, None] + np.arange(int((xe - xs).max()) + 1), xe[:, None])  # [P, W]
+            return g, others, cap, dp, choice, saved, candidates(dp, g, saved, xi, above=False)
 
-    width = np.zeros(G, dtype=np.int64)  # width: [G] index into bits (all 0 when there is one width)
-    new_labels = lab.copy()
-    split_bits: list[int] = []
-    if best is not None:
-        _, _, g, a, b, x_left, m_g, others, choice = best
-        for i in range(len(others) - 1, -1, -1):  # backtrack the knapsack
-            width[others[i]] = choice[i, x_left]
-            x_left -= int(costs[others[i], width[others[i]]])
-        cols = members[starts[g]:starts[g + 1]]
-        width[g] = b if m_g == cols.size else a
-        if 0 < m_g < cols.size:
-            moved = cols[np.argsort(-(col_err[cols, a] - col_err[cols, b]), kind="stable")[:m_g]]
-            new_labels[moved] = G
-            split_bits = [int(bits[b])]
-    group_bits = bits[width].tolist() + split_bits
-    col_bits = np.array(group_bits, dtype=np.int64)[new_labels]  # col_bits: [d]
-    est_error = float(np.take_along_axis(col_err, np.searchsorted(bits, col_bits)[:, None], 1).sum())  # sum_j E[j, b_j]
-    device = labels.device
-    return BitAllocation(col_bits=torch.from_numpy(col_bits).to(device), labels=torch.from_numpy(new_labels).to(device),
-                         group_bits=group_bits, est_error=est_error)
+        # The G split groups are independent: threads (numpy releases the GIL in the vector work).
+        todo = range(G if len(pairs) else 0)  # one width: nothing to choose
+        if G > 1 and d >= ALLOC_THREADS_MIN_D and tables is None:
+            with ThreadPoolExecutor(max_workers=min(G, os.cpu_count() or 1)) as pool:
+                per_group = [r for r in pool.map(split_group, todo) if r is not None]
+        else:
+            per_group = [r for r in map(split_group, todo) if r is not None]
+
+        # best: (distance to the target unless accepted, error, g, a, b, x, m, others, knapsack choice).
+        # Accepted candidates first; the whole range of x only when no candidate anywhere is accepted.
+        # Ties go to the first g, pair, m choice and x, as in a scan of the whole range.
+        best: tuple[float, float, int, int, int, int, int, list[int], np.ndarray] | None = None
+        for window in (True, False):
+            for g, others, cap, dp, choice, saved, windowed in per_group:
+                if window:
+                    miss, err, xp, mp = windowed
+                else:
+                    xi = np.broadcast_to(np.arange(cap + 1, dtype=np.float64), (len(pairs), cap + 1))
+                    miss, err, xp, mp = candidates(dp, g, saved, xi, above=True)
+                i = int(np.lexsort((err, miss))[0])  # least (miss, error); ties: the first
+                if window and miss[i] > 0:
+                    continue
+                if best is None or (float(miss[i]), float(err[i])) < best[:2]:
+                    k = i if window else i // 2
+                    best = (float(miss[i]), float(err[i]), g, int(A[k]), int(B[k]), int(xp[i]), int(mp[i]), others, choice)
+            if best is not None:
+                break
+
+        width = np.zeros(G, dtype=np.int64)  # width: [G] index into bits (all 0 when there is one width)
+        new_labels = lab.copy()
+        split_bits: list[int] = []
+        if best is not None:
+            _, _, g, a, b, x_left, m_g, others, choice = best
+            for i in range(len(others) - 1, -1, -1):  # backtrack the knapsack
+                width[others[i]] = choice[i, x_left]
+                x_left -= int(costs[others[i], width[others[i]]])
+            cols = members[starts[g]:starts[g + 1]]
+            width[g] = b if m_g == cols.size else a
+            if 0 < m_g < cols.size:
+                moved = cols[np.argsort(-(col_err[cols, a] - col_err[cols, b]), kind="stable")[:m_g]]
+                new_labels[moved] = G
+                split_bits = [int(bits[b])]
+        group_bits = bits[width].tolist() + split_bits
+        col_bits = np.array(group_bits, dtype=np.int64)[new_labels]  # col_bits: [d]
+        est_error = float(np.take_along_axis(col_err, np.searchsorted(bits, col_bits)[:, None], 1).sum())  # sum_j E[j, b_j]
+        home = labels.device
+        return BitAllocation(col_bits=torch.from_numpy(col_bits).to(home), labels=torch.from_numpy(new_labels).to(home),
+                             group_bits=group_bits, est_error=est_error)
+
+    return [one(col_err, E, None if tables_all is None else (tables_all[0][s], tables_all[1][s]))
+            for s, (col_err, E) in enumerate(zip(col_errs, Es))]

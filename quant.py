@@ -127,16 +127,35 @@ def group_grid(W: torch.Tensor, labels: torch.Tensor, group_bits: Sequence[int],
     columns of each row (static grids, computed before the SparseGPT pass).
     """
     assert W.dim() == 2 and labels.shape == (W.shape[1],), (W.shape, labels.shape)
+    return stacked_group_grid(W, [W.shape[0]], [labels], [group_bits], sym)
+
+
+def stacked_group_grid(W: torch.Tensor, row_splits: Sequence[int], labels: Sequence[torch.Tensor],
+                       group_bits: Sequence[Sequence[int]], sym: bool = False) -> QGrid:
+    """``group_grid`` of stacked sub-layers (W's rows split by ``row_splits``), each with its own labels and widths.
+
+    Rows r0:r1 of the result are bitwise group_grid(W[r0:r1], labels[s], group_bits[s], sym): each
+    row's grid depends on that row alone. One grid for the fused SparseGPT call (no concatenation)
+    and one NaN check (a host read) for all sub-layers.
+    """
+    assert W.dim() == 2 and sum(row_splits) == W.shape[0] and len(row_splits) == len(labels) == len(group_bits)
     if torch.isnan(W).any():
         raise ValueError("NaN in weights")
     W = W.float()
-    rows = W.shape[0]
-    xmin, xmax = group_ranges(W, labels, len(group_bits))  # [rows, groups]
-    scale, zero, maxq_g = group_scales(xmin, xmax, group_bits, sym)  # [rows, groups], [groups]
-    lab = labels.to(W.device).long()
-    idx = lab.unsqueeze(0).expand(rows, -1)
-    maxq = maxq_g[lab].unsqueeze(0).expand(rows, -1)
-    return QGrid(scale.gather(1, idx), zero.gather(1, idx), maxq.contiguous())
+    scale, zero, maxq = (torch.empty_like(W) for _ in range(3))   # [out, in] each
+    r0 = 0
+    for rows, lab, bits in zip(row_splits, labels, group_bits):
+        assert lab.shape == (W.shape[1],), (W.shape, lab.shape)
+        r1 = r0 + rows
+        xmin, xmax = group_ranges(W[r0:r1], lab, len(bits))  # [rows, groups]
+        s_g, z_g, maxq_g = group_scales(xmin, xmax, bits, sym)  # [rows, groups], [groups]
+        lab = lab.to(W.device).long()
+        idx = lab.unsqueeze(0).expand(rows, -1)
+        torch.gather(s_g, 1, idx, out=scale[r0:r1])
+        torch.gather(z_g, 1, idx, out=zero[r0:r1])
+        maxq[r0:r1] = maxq_g[lab]
+        r0 = r1
+    return QGrid(scale, zero, maxq)
 
 
 def uniform_grid(W: torch.Tensor, bits: int, sym: bool = False) -> QGrid:

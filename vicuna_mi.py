@@ -9,6 +9,7 @@ writes results; everything it calls takes explicit arguments.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -286,28 +287,33 @@ def sublayer_groups(layer: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
     return groups
 
 
-def plan_quantization(cfg: CompressConfig, W: torch.Tensor, H: torch.Tensor, labels: Optional[torch.Tensor],
-                      ) -> tuple[Optional[quant.QGrid], torch.Tensor, Optional[torch.Tensor], dict]:
-    """Grid, per-column widths and final labels for one sub-layer. W: [out, in], H: [in, in]."""
+def plan_quantization(cfg: CompressConfig, W: torch.Tensor, row_splits: list[int], H: torch.Tensor,
+                      labels: Optional[torch.Tensor]) -> tuple[Optional[quant.QGrid], list[tuple[torch.Tensor, Optional[torch.Tensor], dict]]]:
+    """The grid of the stacked sub-layers W [sum(row_splits), in] (one input: H [in, in], labels [in]),
+    and per sub-layer its column widths, final labels and allocation record.
+
+    Each sub-layer gets its own allocation, bitwise what it gets alone; the stacked form pays the
+    launches and host reads of one sub-layer (``column_errors``' row sums, ``allocate_bits_many``'s
+    knapsack tables, ``stacked_group_grid``).
+    """
     cols = W.shape[1]
     if not cfg.use_mi_grouping:
         col_bits = torch.full((cols,), cfg.wbits, dtype=torch.long)
         if cfg.wbits >= quant.NO_QUANT_BITS:
-            return None, col_bits, None, {}
-        return quant.uniform_grid(W, cfg.wbits, cfg.sym), col_bits, torch.zeros(cols, dtype=torch.long), {}
+            return None, [(col_bits, None, {}) for _ in row_splits]
+        return quant.uniform_grid(W, cfg.wbits, cfg.sym), [(col_bits, torch.zeros(cols, dtype=torch.long), {}) for _ in row_splits]
     h_diag = torch.diag(H).float()
     keep = None
     if cfg.prune:  # the weights a Wanda-style score would keep: they decide the error of each width
-        keep = ~sparsegpt.prune_mask(sparsegpt.wanda_scores(W, H), cfg.sparsity, cfg.prunen, cfg.prunem, per_row=True)
-    col_errors = channel_grouping.column_errors(W.float(), h_diag, labels, cfg.n_groups, list(cfg.bit_choices), keep,
-                                                cfg.sym)
-    alloc = channel_grouping.allocate_bits(col_errors.cpu(), labels.cpu(), list(cfg.bit_choices), cfg.target_avg_bits,
-                                           device=W.device if W.is_cuda else None)   # knapsacks on the GPU
-    new_labels = alloc.labels.to(W.device)
-    grid = quant.group_grid(W, new_labels, alloc.group_bits, cfg.sym)
-    info = {"group_bits": list(alloc.group_bits), "group_sizes": torch.bincount(alloc.labels).tolist(),
-            "est_error": alloc.est_error}
-    return grid, alloc.col_bits.cpu(), new_labels.cpu(), info
+        keep = torch.cat([~sparsegpt.prune_mask(sparsegpt.wanda_scores(W_s, H), cfg.sparsity, cfg.prunen, cfg.prunem, per_row=True)
+                          for W_s in W.split(row_splits)])   # per sub-layer: each one's own top-k calls
+    col_errors = channel_grouping.column_errors(W, h_diag, labels, cfg.n_groups, list(cfg.bit_choices), keep, cfg.sym,
+                                                row_splits=row_splits)   # [S, in, C]
+    allocs = channel_grouping.allocate_bits_many(col_errors.cpu(), labels.cpu(), list(cfg.bit_choices), cfg.target_avg_bits,
+                                                 device=W.device if W.is_cuda else None)   # knapsacks on the GPU
+    grid = quant.stacked_group_grid(W, row_splits, [a.labels.to(W.device) for a in allocs], [a.group_bits for a in allocs], cfg.sym)
+    return grid, [(a.col_bits.cpu(), a.labels.cpu(), {"group_bits": list(a.group_bits), "group_sizes": torch.bincount(a.labels).tolist(),
+                                                      "est_error": a.est_error}) for a in allocs]
 
 
 class Packer:
@@ -404,23 +410,16 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
             labels, silhouette = grouping.labels.to(stats.sum_xxT.device), grouping.silhouette
         H = stats.hessian(release=True)   # after the MI, which reads the sums: no second [in, in] matrix
 
-        Ws = [m.weight.data.float() for _, m in group]
+        shapes = [tuple(m.weight.shape) for _, m in group]
+        W_all = torch.cat([m.weight.data for _, m in group], dim=0).float()   # [sum of rows, in]: the stacked sub-layers
         with timer("allocation"):
-            # The sub-layers of a fused group in threads: one's host work (candidates, numpy) overlaps another's GPU work.
-            with ThreadPoolExecutor(max_workers=len(Ws)) as pool:
-                plans = list(pool.map(lambda W: plan_quantization(cfg, W, H, labels), Ws))
+            grid, plans = plan_quantization(cfg, W_all, [rows for rows, _ in shapes], H, labels)
     start = time.perf_counter()
     with timer("prune_quant"):
-        shapes = [W.shape for W in Ws]
-        W_all = torch.cat(Ws, dim=0)
-        del Ws
-        grid = None
-        if plans[0][0] is not None:
-            # One grid for the fused call; the sub-layers' grids become views of its rows (memory).
-            grid = quant.QGrid.cat_rows([p[0] for p in plans])
-            ends = torch.tensor([rows for rows, _ in shapes]).cumsum(0).tolist()
-            plans = [(quant.QGrid(*(t[end - rows:end] for t in (grid.scale, grid.zero, grid.maxq))), *rest)
-                     for (rows, _), end, (_, *rest) in zip(shapes, ends, plans)]
+        # One grid for the fused call; the sub-layers' grids are views of its rows.
+        ends = list(itertools.accumulate(rows for rows, _ in shapes))
+        plans = [(None if grid is None else quant.QGrid(*(t[end - rows:end] for t in (grid.scale, grid.zero, grid.maxq))), *plan)
+                 for (rows, _), end, plan in zip(shapes, ends, plans)]
         if cfg.method == "sparsegpt":
             result = sparsegpt.sparsegpt_solve(
                 W_all, H, sparsity=cfg.sparsity, prune_n=cfg.prunen, prune_m=cfg.prunem,

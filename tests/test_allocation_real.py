@@ -36,7 +36,7 @@ def test_every_sublayer_meets_the_target(layer_stats, target):
     cfg = vicuna_mi.CompressConfig("smollm2-135m", "c4", target_avg_bits=target, n_groups=8)
     total_bits = total_weights = 0.0
     for name, W, H, labels in layer_stats:
-        grid, col_bits, new_labels, info = vicuna_mi.plan_quantization(cfg, W, H, labels)
+        grid, [(col_bits, new_labels, info)] = vicuna_mi.plan_quantization(cfg, W.float(), [W.shape[0]], H, labels)
         assert abs(col_bits.double().mean().item() - target) <= 0.01, name
         assert set(col_bits.tolist()) <= set(cfg.bit_choices)
         # each final label has one width, and the grid carries it
@@ -56,7 +56,7 @@ def test_allocation_beats_one_width_for_all(layer_stats, target):
     bits = list(cfg.bit_choices)
     gains = []
     for name, W, H, labels in layer_stats:
-        _, col_bits, _, info = vicuna_mi.plan_quantization(cfg, W, H, labels)
+        _, [(col_bits, _, info)] = vicuna_mi.plan_quantization(cfg, W.float(), [W.shape[0]], H, labels)
         keep = ~sparsegpt.prune_mask(sparsegpt.wanda_scores(W, H), cfg.sparsity, 0, 0, per_row=True)
         col_err = column_errors(W.float(), torch.diag(H).float(), labels, cfg.n_groups, bits, keep)
         chosen = torch.tensor([bits.index(int(b)) for b in col_bits])
@@ -65,3 +65,22 @@ def test_allocation_beats_one_width_for_all(layer_stats, target):
         assert info["est_error"] <= uniform * (1 + 1e-9), name
         gains.append(info["est_error"] / uniform)
     assert sum(gains) / len(gains) < 0.9  # mixed widths are clearly better on average
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.0])
+def test_stacked_plan_is_bitwise_each_sublayers_own_plan(layer_stats, sparsity):
+    """q/k/v planned as one stack (one set of launches) get exactly the grids, widths and labels they get alone."""
+    cfg = vicuna_mi.CompressConfig("smollm2-135m", "c4", target_avg_bits=3.5, n_groups=8, sparsity=sparsity)
+    qkv = [entry for entry in layer_stats if entry[0].startswith("self_attn.") and entry[0] != "self_attn.o_proj"][:3]
+    assert [name for name, *_ in qkv] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    H, labels = qkv[0][2], qkv[0][3]
+    assert all(torch.equal(h, H) and torch.equal(lab, labels) for _, _, h, lab in qkv)
+    splits = [W.shape[0] for _, W, _, _ in qkv]
+    grid, plans = vicuna_mi.plan_quantization(cfg, torch.cat([W for _, W, _, _ in qkv]).float(), splits, H, labels)
+    r0 = 0
+    for (name, W, _, _), (col_bits, new_labels, info) in zip(qkv, plans):
+        alone_grid, [(alone_bits, alone_labels, alone_info)] = vicuna_mi.plan_quantization(cfg, W.float(), [W.shape[0]], H, labels)
+        assert torch.equal(col_bits, alone_bits) and torch.equal(new_labels, alone_labels) and info == alone_info, name
+        for part in ("scale", "zero", "maxq"):
+            assert torch.equal(getattr(grid, part)[r0:r0 + W.shape[0]], getattr(alone_grid, part)), (name, part)
+        r0 += W.shape[0]

@@ -18,6 +18,7 @@ import quant  # noqa: E402
 from channel_grouping import (  # noqa: E402
     _fill_empty,
     allocate_bits,
+    allocate_bits_many,
     column_errors,
     contiguous_groups,
     kmeans,
@@ -395,6 +396,39 @@ def test_column_errors_match_reference_and_decrease() -> None:
     assert bool((E[:, -1] == 0).all()) and bool((E[:, :-1] > 0).any(0).all())
     group = torch.zeros(6, len(BITS), dtype=torch.float64).index_add_(0, labels, E)  # a group's error = sum of its columns'
     assert bool((group[:, 1:] < group[:, :-1]).all())  # strictly decreasing in width
+
+
+def test_column_errors_of_stacked_rows_are_each_sublayers_own() -> None:
+    """row_splits: one pass over stacked sub-layers (shared labels and h), bitwise each one's own call."""
+    g = _gen(12)
+    W = torch.randn(50, 40, generator=g)
+    h = torch.rand(40, generator=g)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    keep = torch.rand(50, 40, generator=g) > 0.5
+    for mask in (None, keep):
+        E = column_errors(W, h, labels, 5, BITS, mask, row_splits=[20, 10, 20])
+        assert E.shape == (3, 40, len(BITS))
+        for s, (r0, r1) in enumerate([(0, 20), (20, 30), (30, 50)]):
+            alone = column_errors(W[r0:r1], h, labels, 5, BITS, None if mask is None else mask[r0:r1])
+            assert torch.equal(E[s], alone)
+    for bad in ([20, 10], [50, 0], [-1, 51]):
+        with pytest.raises(ValueError, match="row_splits"):
+            column_errors(W, h, labels, 5, BITS, row_splits=bad)
+
+
+def test_allocate_bits_many_is_each_tables_own_allocation() -> None:
+    g = _gen(13)
+    d = 700
+    labels = torch.randint(0, 8, (d,), generator=g)
+    tables = torch.rand(3, d, 5, generator=g, dtype=torch.float64).sort(dim=2, descending=True).values
+    for device in (None, "cpu"):
+        many = allocate_bits_many(tables, labels, [2, 3, 4, 6, 8], 3.7, device=device)
+        for t, res in zip(tables, many):
+            alone = allocate_bits(t, labels, [2, 3, 4, 6, 8], 3.7)
+            assert torch.equal(res.col_bits, alone.col_bits) and torch.equal(res.labels, alone.labels)
+            assert res.group_bits == alone.group_bits and res.est_error == alone.est_error
+    with pytest.raises(ValueError, match="col_errors must be"):
+        allocate_bits_many([tables[0], tables[1, :10]], labels, [2, 3, 4, 6, 8], 3.7)
 
 
 def test_column_errors_symmetric_grids() -> None:
@@ -856,12 +890,15 @@ def test_knapsack_table_of_all_groups_is_bitwise_each_groups_knapsack():
     errors = rng.rand(G, C)
     errors[2, 1] = errors[2, 0]                                     # a tie: the narrower width must win
     cap = 300
-    dp_all, choice_all = _min_error_by_cost_all(costs, errors, cap, torch.device("cpu"))
-    for g in range(G):
-        others = [h for h in range(G) if h != g]
-        dp, choice = _min_error_by_cost(costs[others], errors[others], cap)
-        assert np.array_equal(dp_all[g], dp)                        # bitwise, inf included
-        assert np.array_equal(choice_all[g, others], choice)
+    tables = np.stack([errors, rng.rand(G, C)])                     # two sub-layers' tables, one set of costs
+    dp_all, choice_all = _min_error_by_cost_all(costs, tables, cap, torch.device("cpu"))
+    assert dp_all.shape == (2, G, cap + 1) and choice_all.shape == (2, G, G, cap + 1)
+    for s in range(2):
+        for g in range(G):
+            others = [h for h in range(G) if h != g]
+            dp, choice = _min_error_by_cost(costs[others], tables[s, others], cap)
+            assert np.array_equal(dp_all[s, g], dp)                 # bitwise, inf included
+            assert np.array_equal(choice_all[s, g, others], choice)
 
 
 @pytest.mark.parametrize("seed", range(4))

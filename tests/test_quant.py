@@ -98,3 +98,23 @@ def test_fp16_ceil_rounds_up_to_the_next_float16():
     assert torch.equal(up.half().float(), up)
     assert up[0] == 1.0 and up[1] == 1.0 + 2 ** -10 and up[2] >= 0.1 and up[3] == 2 ** -24
     assert up[4] == 65504.0   # capped at the float16 maximum
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_stacked_group_grid_rows_are_each_sublayers_own_grid(sym):
+    """Stacked sub-layers with their own labels and widths: each row block is bitwise its own group_grid."""
+    from quant import stacked_group_grid
+    W = rand_w(30, 24, seed=5)
+    g = torch.Generator().manual_seed(5)
+    labels = [torch.randint(0, 3, (24,), generator=g), torch.randint(0, 4, (24,), generator=g), torch.zeros(24, dtype=torch.long)]
+    bits = [[2, 4, 16], [3, 3, 8, 2], [4]]
+    grid = stacked_group_grid(W, [12, 10, 8], labels, bits, sym)
+    r0 = 0
+    for rows, lab, b in zip([12, 10, 8], labels, bits):
+        alone = group_grid(W[r0:r0 + rows], lab, b, sym)
+        for part in ("scale", "zero", "maxq"):
+            assert torch.equal(getattr(grid, part)[r0:r0 + rows], getattr(alone, part)), part
+        r0 += rows
+    W[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        stacked_group_grid(W, [12, 10, 8], labels, bits, sym)
