@@ -421,7 +421,7 @@ def test_allocate_bits_many_is_each_tables_own_allocation() -> None:
     d = 700
     labels = torch.randint(0, 8, (d,), generator=g)
     tables = torch.rand(3, d, 5, generator=g, dtype=torch.float64).sort(dim=2, descending=True).values
-    for device in (None, "cpu"):
+    for device in (None, "cpu") + (("cuda",) if torch.cuda.is_available() else ()):
         many = allocate_bits_many(tables, labels, [2, 3, 4, 6, 8], 3.7, device=device)
         for t, res in zip(tables, many):
             alone = allocate_bits(t, labels, [2, 3, 4, 6, 8], 3.7)
