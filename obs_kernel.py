@@ -47,11 +47,11 @@ def _kernel(interpret: bool):
     import triton.language as tl
     from triton.language.extra import libdevice
 
-    # Row counts, column counts and row strides are runtime values the kernel is not specialised on:
-    # its compiled forms depend on the constexprs alone (and unit column strides, aligned pointers),
-    # so ``precompile`` can build every form a solve will launch without knowing the model's shapes.
-    @triton.jit(do_not_specialize=["stride_w_row", "stride_e_row", "stride_u_row", "stride_m_row", "stride_g_row",
-                                   "rows", "count"])
+    # Triton specialises the integer arguments on divisibility by 16 (and pointers on 16-byte
+    # alignment): it lets the tile loads and stores vectorise. Not specialising rows, counts and row
+    # strides was tried and dropped: prune + quantize on the H100 took 23.7 s instead of 14.3 s for
+    # Vicuna-13B and 11.2 s instead of 7.9 s for LLaMA-7B.
+    @triton.jit
     def obs_block_kernel(
             W_ptr, stride_w_row, stride_w_col,   # W block [rows, count], float32: read, then overwritten with Q
             E_ptr, stride_e_row,                 # errors [rows, count], float32, out
@@ -180,16 +180,20 @@ def tile_widths(block_size: int) -> list[int]:
 
 
 def precompile(has_grid: bool, prune_n: int, prune_m: int, block_size: int, device: torch.device | str) -> int:
-    """Compile (into Triton's on-disk cache) every form of the kernel a solve with these settings launches.
+    """Compile (into Triton's on-disk cache) every form of the kernel a solve with these settings launches
+    on a model whose dimensions are multiples of 16 (every LLaMA-family model we know).
 
-    One launch per tile width (``tile_widths``) on dummy tensors laid out as ``sparsegpt_solve``'s
-    (unit column strides, fresh aligned storage), with a column count the solve can meet at that
-    width (N:M: a multiple of M). Returns the number of forms launched.
+    A form is fixed by the constexprs (tile width, grid, N:M) and by which integer arguments are
+    multiples of 16 and which pointers are 16-byte aligned. One launch per tile width
+    (``tile_widths``) on dummy tensors laid out as ``sparsegpt_solve``'s (unit column strides, fresh
+    aligned storage, every other size a multiple of 16), with a column count the solve can meet at
+    that width (N:M: a multiple of M). Other shapes compile their own forms in their first solve, as
+    without this. Returns the number of forms launched.
     """
     launched = 0
     for width in tile_widths(block_size):
         lo, hi = (1 if width == 16 else width // 2 + 1), min(width, block_size)   # counts that launch this width
-        count = hi // prune_m * prune_m if prune_n else hi
+        count = hi // prune_m * prune_m if prune_n else hi   # = width (a multiple of 16) unless the block is narrower
         if count < lo:
             continue   # N:M: no multiple of M falls in this width
         W = torch.zeros(16, count, device=device)
