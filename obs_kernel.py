@@ -226,8 +226,11 @@ def precompile_in_background(has_grid: bool, prune_n: int, prune_m: int, block_s
     args = ["--grid", str(int(has_grid)), "--prune_n", str(prune_n), "--prune_m", str(prune_m),
             "--block_size", str(block_size), "--device", f"cuda:{index}"]
     code = "import sys, obs_kernel; sys.exit(obs_kernel.main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=os.path.dirname(os.path.abspath(__file__)),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return subprocess.Popen([sys.executable, "-c", code, *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:   # no interpreter to start: the first solve compiles, as without this
+        return None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
