@@ -1053,7 +1053,8 @@ def allocate_bits_many(col_errors: Sequence[Tensor] | Tensor, labels: Tensor, bi
     if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
         raise ValueError(f"labels must be a non-empty integer tensor [d], got {labels.dtype} {tuple(labels.shape)}")
     d = labels.shape[0]
-    col_errors = [t.detach().cpu() for t in col_errors]  # one copy each (a [S, d, C] tensor: S views of one)
+    # On the host: one copy of a stacked [S, d, C] tensor (S views of it), one per tensor of a list.
+    col_errors = list(col_errors.detach().cpu()) if isinstance(col_errors, Tensor) else [t.detach().cpu() for t in col_errors]
     for t in col_errors:
         if t.shape != (d, len(bits_in)):
             raise ValueError(f"col_errors must be [{d}, {len(bits_in)}], got {tuple(t.shape)}")

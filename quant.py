@@ -37,10 +37,6 @@ class QGrid:
     def columns(self, start: int, end: int) -> "QGrid":
         return QGrid(self.scale[:, start:end], self.zero[:, start:end], self.maxq[:, start:end])
 
-    @staticmethod
-    def cat_rows(grids: Sequence["QGrid"]) -> "QGrid":
-        return QGrid(*(torch.cat([getattr(g, f) for g in grids], dim=0) for f in ("scale", "zero", "maxq")))
-
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
     """Round x onto its grid (elementwise, broadcasting); entries with maxq == 0 pass through unchanged."""

@@ -309,7 +309,7 @@ def plan_quantization(cfg: CompressConfig, W: torch.Tensor, row_splits: list[int
                           for W_s in W.split(row_splits)])   # per sub-layer: each one's own top-k calls
     col_errors = channel_grouping.column_errors(W, h_diag, labels, cfg.n_groups, list(cfg.bit_choices), keep, cfg.sym,
                                                 row_splits=row_splits)   # [S, in, C]
-    allocs = channel_grouping.allocate_bits_many(col_errors.cpu(), labels.cpu(), list(cfg.bit_choices), cfg.target_avg_bits,
+    allocs = channel_grouping.allocate_bits_many(col_errors, labels.cpu(), list(cfg.bit_choices), cfg.target_avg_bits,
                                                  device=W.device if W.is_cuda else None)   # knapsacks on the GPU
     grid = quant.stacked_group_grid(W, row_splits, [a.labels.to(W.device) for a in allocs], [a.group_bits for a in allocs], cfg.sym)
     return grid, [(a.col_bits.cpu(), a.labels.cpu(), {"group_bits": list(a.group_bits), "group_sizes": torch.bincount(a.labels).tolist(),
@@ -411,26 +411,27 @@ def compress_group(cfg: CompressConfig, group: list[tuple[str, nn.Linear]], stat
         H = stats.hessian(release=True)   # after the MI, which reads the sums: no second [in, in] matrix
 
         shapes = [tuple(m.weight.shape) for _, m in group]
+        row_splits = [rows for rows, _ in shapes]
         W_all = torch.cat([m.weight.data for _, m in group], dim=0).float()   # [sum of rows, in]: the stacked sub-layers
         with timer("allocation"):
-            grid, plans = plan_quantization(cfg, W_all, [rows for rows, _ in shapes], H, labels)
+            grid, plans = plan_quantization(cfg, W_all, row_splits, H, labels)
     start = time.perf_counter()
     with timer("prune_quant"):
         # One grid for the fused call; the sub-layers' grids are views of its rows.
-        ends = list(itertools.accumulate(rows for rows, _ in shapes))
+        ends = list(itertools.accumulate(row_splits))
         plans = [(None if grid is None else quant.QGrid(*(t[end - rows:end] for t in (grid.scale, grid.zero, grid.maxq))), *plan)
-                 for (rows, _), end, plan in zip(shapes, ends, plans)]
+                 for rows, end, plan in zip(row_splits, ends, plans)]
         if cfg.method == "sparsegpt":
             result = sparsegpt.sparsegpt_solve(
                 W_all, H, sparsity=cfg.sparsity, prune_n=cfg.prunen, prune_m=cfg.prunem,
                 block_size=cfg.blocksize, percdamp=cfg.percdamp, grid=grid,
-                row_splits=[rows for rows, _ in shapes], name=f"layer {layer_idx} {group[0][0]}")
+                row_splits=row_splits, name=f"layer {layer_idx} {group[0][0]}")
             W_new, mask = result.weight, result.mask
         else:  # magnitude / wanda: mask from scores, then round-to-nearest on the grid
             scores = sparsegpt.magnitude_scores(W_all) if cfg.method == "magnitude" else sparsegpt.wanda_scores(W_all, H)
             per_row = cfg.method == "wanda"
             mask = torch.cat([sparsegpt.prune_mask(s, cfg.sparsity, cfg.prunen, cfg.prunem, per_row)
-                              for s in scores.split([rows for rows, _ in shapes])])
+                              for s in scores.split(row_splits)])
             W_new = torch.where(mask, torch.zeros_like(W_all), W_all)
             if grid is not None:
                 W_new = quant.quantize_weight(W_new, grid)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quant import QGrid, fp16_ceil, group_grid, quantize_weight, uniform_grid
+from quant import fp16_ceil, group_grid, quantize_weight, uniform_grid
 
 
 def rand_w(rows=16, cols=40, seed=0):
@@ -62,12 +62,10 @@ def test_arbitrary_column_groups_get_their_own_grid_and_width():
             assert step <= s[0] <= step * (1 + 2 ** -10)
 
 
-def test_contiguous_blocks_and_cat_rows():
+def test_contiguous_blocks():
     W = rand_w(4, 64)
     grid = group_grid(W, torch.arange(64) // 16, [4] * 4)
     assert torch.unique(grid.scale[0]).numel() == 4
-    both = QGrid.cat_rows([grid, grid])
-    assert both.scale.shape == (8, 64)
 
 
 def test_bad_width_and_nan_raise():

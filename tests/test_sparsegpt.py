@@ -165,10 +165,11 @@ def test_fused_call_equals_separate_calls():
     Wv = torch.randn(8, 64, generator=torch.Generator().manual_seed(6)) * 0.1
     Ws = [Wq, Wk, Wv]
     labels = torch.arange(64) % 3
-    grids = [group_grid(W, labels, b) for W, b in zip(Ws, ([2, 3, 4], [4, 4, 4], [8, 2, 3]))]
-    from quant import QGrid
-    fused = sparsegpt_solve(torch.cat(Ws), H, sparsity=0.5, grid=QGrid.cat_rows(grids), row_splits=[24, 8, 8],
-                            block_size=16)
+    bits = ([2, 3, 4], [4, 4, 4], [8, 2, 3])
+    grids = [group_grid(W, labels, b) for W, b in zip(Ws, bits)]
+    from quant import stacked_group_grid
+    fused = sparsegpt_solve(torch.cat(Ws), H, sparsity=0.5, row_splits=[24, 8, 8], block_size=16,
+                            grid=stacked_group_grid(torch.cat(Ws), [24, 8, 8], [labels] * 3, bits))
     separate = torch.cat([sparsegpt_solve(W, H, sparsity=0.5, grid=g, block_size=16).weight for W, g in zip(Ws, grids)])
     torch.testing.assert_close(fused.weight, separate, rtol=1e-5, atol=1e-6)
 
