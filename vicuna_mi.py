@@ -34,9 +34,9 @@ import datautils
 import eval_ppl
 import mi_estimator
 import modelutils
-import obs_kernel
 import quant
 import sparsegpt
+import warmup
 from walker import Activations, LayerWalker, auto_batch_size, get_decoder_layers
 
 # Sub-layers that share an input, in the order of the forward pass (true-sequential): each group
@@ -726,24 +726,24 @@ def run(cfg: CompressConfig) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     timer = StageTimer(device)
     t0 = time.perf_counter()
-    # The fused column loop's Triton kernels compile in a child process while the model loads.
-    compiling = obs_kernel.precompile_in_background(cfg.quantize, cfg.prunen, cfg.prunem, cfg.blocksize, device) \
-        if cfg.method == "sparsegpt" and (cfg.prune or cfg.quantize) else None
+    # One-time GPU costs (Triton's kernel forms, cuDNN's attention kernel) are paid by a child process during the load.
+    fused = cfg.method == "sparsegpt" and (cfg.prune or cfg.quantize)
+    child = warmup.start(device, (cfg.quantize, cfg.prunen, cfg.prunem, cfg.blocksize) if fused else None)
     try:
-        return _run(cfg, device, timer, t0)
+        return _run(cfg, device, timer, t0, child)
     finally:
-        if compiling is not None:   # long done after a full run; an early error or a tiny model leaves no orphan
-            if compiling.poll() is None:
-                compiling.kill()   # Triton writes each cache entry atomically: a killed child leaves none half-written
-            compiling.wait()
+        if child is not None:
+            child.close()
 
 
-def _run(cfg: CompressConfig, device: torch.device, timer: StageTimer, t0: float) -> dict:
+def _run(cfg: CompressConfig, device: torch.device, timer: StageTimer, t0: float, child: Optional[warmup.Warmup]) -> dict:
     with timer("load"):
         lm = modelutils.load_model(cfg.model, device=str(device), dtype=cfg.dtype,
                                    trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     model = lm.model
     check_model(cfg, model)
+    if child is not None:
+        child.attention(model, cfg.seqlen)
     if cfg.batch_size is None:   # auto: resolved once, for the compression and the evaluation; the report shows it
         cfg = replace(cfg, batch_size=auto_batch_size(model, cfg.seqlen, device))
     # Evaluation streams are read before any compression, so a missing file or a too short stream

@@ -35,6 +35,7 @@ import modelutils  # noqa: E402
 import obs_kernel  # noqa: E402
 import sparsegpt  # noqa: E402
 import vicuna_mi  # noqa: E402
+import warmup  # noqa: E402
 
 GIB = 2 ** 30
 SUBLAYER_TYPES = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up",
@@ -227,9 +228,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                    dtype=a.dtype)
     vicuna_mi.validate(cfg)
     t0 = time.perf_counter()
-    # As vicuna_mi.run: the fused loop's Triton forms compile in a child process during the load.
-    compiling = None if a.baseline else obs_kernel.precompile_in_background(True, 0, 0, cfg.blocksize, device)
+    # As vicuna_mi.run: Triton's forms and cuDNN's attention kernel compile in a child process during the load.
+    child = None if a.baseline else warmup.start(device, (True, 0, 0, cfg.blocksize))
     model = load(a.model, device, a.dtype, a.layers)
+    if child is not None:
+        child.attention(model, a.seqlen)
     load_s = time.perf_counter() - t0
     vicuna_mi.check_model(cfg, model)
     n_layers = len(model.model.layers)
@@ -255,8 +258,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     finally:
         sparsegpt.sparsegpt_solve = solve
     wall_s = time.perf_counter() - start
-    if compiling is not None:
-        compiling.wait()   # done long before
+    if child is not None:
+        child.close()   # done long before
     timer._fold_peaks()
 
     stages = {k: v for k, v in timer.seconds.items()}

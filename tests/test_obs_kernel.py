@@ -110,7 +110,7 @@ def interpreted():
 
 
 def test_precompile_launches_every_tile_width_a_solve_launches(interpreted):
-    """The child of ``precompile_in_background`` compiles every kernel form the solves use (the
+    """The warm-up child (``warmup.start``) compiles every kernel form the solves use (the
     kernel is specialised on its constexprs only: tile width, grid, N:M)."""
     cov = interpreted["precompile"]
     assert cov["unstructured"][1] == [16, 32] and cov["unstructured"][0] == 2   # block 32: full and short blocks
@@ -118,28 +118,6 @@ def test_precompile_launches_every_tile_width_a_solve_launches(interpreted):
     assert cov["16:32"][1] == [32]   # a block of 16 columns cannot hold a group of 32
     for forms, compiled, used in cov.values():
         assert set(used) <= set(compiled), (used, compiled)
-
-
-def test_precompile_in_background_is_cuda_only():
-    assert obs_kernel.precompile_in_background(True, 0, 0, 128, torch.device("cpu")) is None
-
-
-@pytest.mark.skipif(not (torch.cuda.is_available() and obs_kernel.triton_available()), reason="needs CUDA and Triton")
-def test_precompiled_cache_serves_a_fresh_process(tmp_path, monkeypatch):
-    """After the child's precompile, a fresh process's solves compile nothing: no new Triton cache entry
-    (shapes that are multiples of 16, as a LLaMA-family model's)."""
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))   # the child inherits it
-    env = {**os.environ}
-    assert obs_kernel.precompile_in_background(True, 0, 0, 128, torch.device("cuda")).wait(timeout=300) == 0
-    entries = {p.name for p in tmp_path.iterdir() if p.is_dir()}
-    assert entries
-    solve = ("import torch, tests.test_obs_kernel as t\n"
-             "for rows, d in ((320, 208), (96, 592), (48, 128)):\n"
-             "    W, H, grid = t.problem(rows=rows, d=d, seed=rows)\n"
-             "    t.solve_both(W, H, grid, device='cuda', quantize=True, sparsity=0.5)\n")
-    run = subprocess.run([sys.executable, "-c", solve], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert {p.name for p in tmp_path.iterdir() if p.is_dir()} == entries
 
 
 @pytest.mark.parametrize("case", [*CASES, "dead column"])
