@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from typing import Optional
 
 import torch
@@ -67,10 +68,12 @@ def start(device: torch.device, triton: Optional[tuple[bool, int, int, int]]) ->
     """Start the child on a CUDA device (None elsewhere, or when no interpreter can start).
 
     triton: (has_grid, prune_n, prune_m, block_size) of the solves that will run the fused loop,
-    or None when none will.
+    or None when none will; then this process also primes Triton's cache key (``prime_triton_key``).
     """
     if device.type != "cuda" or obs_kernel.interpreting():
         return None
+    if triton is not None:
+        prime_triton_key()
     index = device.index if device.index is not None else torch.cuda.current_device()
     args = ["--device", f"cuda:{index}"]
     if triton is not None and obs_kernel.triton_available():
@@ -84,6 +87,30 @@ def start(device: torch.device, triton: Optional[tuple[bool, int, int, int]]) ->
     except OSError:
         return None
     return Warmup(process)
+
+
+def prime_triton_key() -> Optional[threading.Thread]:
+    """Compute, on a thread of this process, the key Triton gives its cache entries.
+
+    A process's first kernel launch hashes Triton's own files first, libtriton.so included (0.46 s
+    of the first solve in a second process on the H100 host, SmolLM2); the key is computed once per
+    process (``functools.lru_cache``). File reads and hashlib's updates release the GIL, so a
+    thread started before the load pays it while the loader runs. None without Triton (or without
+    that function in this Triton version: the first launch pays it, as without this).
+    """
+    if not obs_kernel.triton_available():
+        return None
+
+    def prime() -> None:
+        try:
+            from triton.runtime.cache import triton_key
+        except ImportError:
+            return
+        triton_key()
+
+    thread = threading.Thread(target=prime, name="triton-key", daemon=True)
+    thread.start()
+    return thread
 
 
 def rehearse_attention(head_dim: int, seqlen: int, dtype: torch.dtype, device: torch.device | str) -> None:

@@ -107,3 +107,15 @@ def test_fresh_process_finds_the_childs_attention_kernel(tmp_path, monkeypatch):
     run = subprocess.run([sys.executable, "-c", attend], cwd=REPO, env={**os.environ}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert cache_files(tmp_path) == filled
+
+
+@pytest.mark.skipif(not obs_kernel.triton_available(), reason="needs Triton")
+def test_prime_triton_key_computes_the_cached_key():
+    from triton.runtime.cache import triton_key
+    triton_key.cache_clear()
+    thread = warmup.prime_triton_key()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert triton_key.cache_info().currsize == 1   # the next call (the first launch's) is a cache hit
+    key = triton_key()
+    assert triton_key.cache_info().hits >= 1 and key
