@@ -98,6 +98,22 @@ def _canonical(labels: Tensor, k: int) -> Tensor:
 CHECK_EVERY = 8  # products by M between Rayleigh-Ritz residual checks (even: two products per QR)
 
 
+@contextlib.contextmanager
+def _one_host_thread(applies: bool = True):
+    """Host LAPACK on [b, b] matrices (b ~ 28) on one thread, for a solver whose products run on a GPU:
+    entering a parallel region of every host thread costs more than such a call's work. applies=False
+    (a solver on the CPU, whose results keep the host's thread count): nothing changes."""
+    n = torch.get_num_threads()
+    if n == 1 or not applies:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _orthonormalize(Y: Tensor, cholesky: bool | None = None) -> Tensor:
     """An orthonormal basis Q [d, b] of the columns of Y [d, b] (full column rank).
 
@@ -117,10 +133,11 @@ def _orthonormalize(Y: Tensor, cholesky: bool | None = None) -> Tensor:
     for _ in range(2):
         Qd = Q.to(torch.float64)
         G = (Qd.T @ Qd).cpu()  # G: [b, b] (the one host read of the round)
-        L, info = torch.linalg.cholesky_ex(G)
-        if int(info) != 0:
+        with _one_host_thread(Y.is_cuda):
+            L, info = torch.linalg.cholesky_ex(G)
+            L_inv = torch.linalg.solve_triangular(L, eye, upper=False) if int(info) == 0 else None
+        if L_inv is None:
             return torch.linalg.qr(Y)[0]
-        L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
         Q = Q @ L_inv.T.to(dtype=Y.dtype).to(Y.device, non_blocking=True)  # Q: [d, b]; the copy does not wait
     Qd = Q.to(torch.float64)
     E = Qd.T @ Qd
@@ -176,7 +193,8 @@ def subspace_eigenvectors(
         while True:
             if step % CHECK_EVERY == 0 or step + 2 > n_iter:
                 T = (Q.T @ Z).to(device="cpu", dtype=torch.float64)  # T: [b, b] Rayleigh quotient
-                theta, U = torch.linalg.eigh(0.5 * (T + T.T))  # ascending; tiny, on the CPU (slow on a GPU)
+                with _one_host_thread(M.is_cuda):
+                    theta, U = torch.linalg.eigh(0.5 * (T + T.T))  # ascending; tiny, on the CPU (slow on a GPU)
                 theta_h = theta.to(M.dtype)  # scalars are read from this host copy, not from the device
                 theta, U = theta_h.to(M.device, non_blocking=True), U.to(M.dtype).to(M.device, non_blocking=True)
                 V = Q @ U[:, -k:].flip(1)  # V: [d, k] top-k Ritz vectors

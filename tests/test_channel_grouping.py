@@ -976,3 +976,15 @@ def test_eigen_cuda_graphs_give_the_eager_vectors(monkeypatch):
         assert graphed is not None and eager is not None
         assert (graphed - eager).abs().max() < 1e-5  # device vs host Cholesky: bitwise in practice, not by construction
     assert len(cg._EIGEN_WINDOWS) == 2
+
+
+def test_one_host_thread_restores_the_thread_count():
+    from channel_grouping import _one_host_thread
+    n = torch.get_num_threads()
+    with _one_host_thread(False):
+        assert torch.get_num_threads() == n   # a solver on the CPU keeps every thread
+    with pytest.raises(RuntimeError):
+        with _one_host_thread(True):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == n
