@@ -15,6 +15,10 @@ causal attention of that kind. Its own interpreter: no GIL is shared with the lo
 is discarded; it changes nothing but the caches. The kernels do not depend on the batch, the number
 of heads or the window length (the driver's cache served other values of each), so one small
 attention serves the model's.
+
+A third cost falls on every process's first Triton launch, not only a machine's first: Triton keys
+its cache with a hash of its own files. ``prime_triton_key`` computes it on a thread of the parent
+while the model loads.
 """
 from __future__ import annotations
 
@@ -39,9 +43,13 @@ class Warmup:
 
     def attention(self, model: nn.Module, seqlen: int) -> None:
         """Hand the child the loaded model's attention (head size, dtype) at this window length; once."""
-        config = model.config.get_text_config()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dtype = next(model.parameters()).dtype   # of the forward passes
+        try:
+            config = model.config.get_text_config()
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            dtype = next(model.parameters()).dtype   # of the forward passes
+        except (AttributeError, TypeError, ZeroDivisionError, StopIteration):   # no attention to name
+            self._send("")
+            return
         self._send(f"{head_dim} {seqlen} {str(dtype).removeprefix('torch.')}\n")
 
     def _send(self, line: str) -> None:

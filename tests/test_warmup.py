@@ -119,3 +119,13 @@ def test_prime_triton_key_computes_the_cached_key():
     assert triton_key.cache_info().currsize == 1   # the next call (the first launch's) is a cache hit
     key = triton_key()
     assert triton_key.cache_info().hits >= 1 and key
+
+
+def test_attention_names_nothing_for_a_model_without_heads():
+    child = echo_child()
+    from transformers import PretrainedConfig
+    model = torch.nn.Linear(4, 4)
+    model.config = PretrainedConfig()   # no hidden size, no heads
+    child.attention(model, 96)
+    assert child.process.stdout.read().decode() == ""
+    child.close()
