@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""The README's speed table, from scripts/bench_speed.py's JSON reports.
+"""The README's speed tables, from JSON reports named by a manifest.
 
     python scripts/speed_table.py reports/speed/bench_table.json [--out reports/speed/bench_table.md]
+    python scripts/speed_table.py reports/speed/smollm2_table.json [--out reports/speed/smollm2_table.md]
 
-The manifest names the rows: {"command": ..., "rows": [{"label": ..., "reports": [paths relative
-to the manifest's directory]}]}. A row of several reports (runs of one code on one host) shows
-each figure per run, comma-separated. Wall time excludes the plain-loop check when the report
-times it apart; "layer copies" is the stage "transfer" ("untimed" in reports without it).
+Report paths are relative to the manifest's directory.
+- A bench manifest ({"command", "rows": [{"label", "reports"}]}) tabulates scripts/bench_speed.py
+  reports: per stage, one figure per report, comma-separated. Wall time excludes the plain-loop
+  check when the report times it apart; "layer copies" is the stage "transfer" ("untimed" in
+  reports without it).
+- A runs manifest ({"kind": "runs", "command", "rows": [{"label", "host", "runs": [[...], ...],
+  "against": [...]}]}) tabulates vicuna_mi.py reports' compression time: the runs' groups
+  separated by "; ", then "against" the runs it alternated with.
 """
 from __future__ import annotations
 
@@ -53,13 +58,32 @@ def row(label: str, names: list[str], reports: list[dict]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _compression(manifest: Path, names: list[str]) -> str:
+    return _join([f"{json.loads((manifest.parent / name).read_text())['time_s']['compression']:.2f}" for name in names])
+
+
+def runs_row(manifest: Path, entry: dict) -> str:
+    """| label (reports) | compression of each group of runs, '; '-separated [against ...] | host |"""
+    names = [name for group in entry["runs"] for name in group] + list(entry.get("against", []))
+    figures = "; ".join(_compression(manifest, group) for group in entry["runs"])
+    if entry.get("against"):
+        figures += f" against {_compression(manifest, entry['against'])}"
+    refs = ", ".join(f"`{name}`" for name in names)
+    return f"| {entry['label']} ({refs}) | {figures} | {entry['host']} |"
+
+
 def table(manifest: Path) -> str:
     spec = json.loads(manifest.read_text())
+    runs = spec.get("kind") == "runs"
+    header = ["code and condition (reports)", "compression, s", "host"] if runs else HEADER
     lines = [f"Made by `python scripts/speed_table.py {manifest}` from the reports of `{spec['command']}`.", "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in spec["rows"]:
-        reports = [json.loads((manifest.parent / name).read_text()) for name in entry["reports"]]
-        lines.append(row(entry["label"], entry["reports"], reports))
+        if runs:
+            lines.append(runs_row(manifest, entry))
+        else:
+            reports = [json.loads((manifest.parent / name).read_text()) for name in entry["reports"]]
+            lines.append(row(entry["label"], entry["reports"], reports))
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import speed_table  # noqa: E402
@@ -37,8 +39,21 @@ def test_a_missing_report_is_a_one_line_error(tmp_path):
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "gone.json" in run.stderr
 
 
-def test_readme_shows_the_generated_table(monkeypatch):
+@pytest.mark.parametrize("manifest", ["reports/speed/bench_table.json", "reports/speed/smollm2_table.json"])
+def test_readme_shows_the_generated_table(manifest, monkeypatch):
     monkeypatch.chdir(REPO)   # the table names its manifest as given
-    generated = speed_table.table(Path("reports/speed/bench_table.json"))
-    readme = (REPO / "README.md").read_text()
-    assert generated in readme
+    readme = [line.strip() for line in (REPO / "README.md").read_text().splitlines()]
+    generated = [line for line in speed_table.table(Path(manifest)).splitlines() if line]
+    start = readme.index(generated[0])   # in order, line after line (the README may indent the table)
+    assert [line for line in readme[start:] if line][:len(generated)] == generated
+
+
+def test_runs_rows_group_and_compare(tmp_path):
+    for name, seconds in {"a": 7.871, "b": 7.47, "c": 7.7, "d": 8.2}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"time_s": {"compression": seconds}}))
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"kind": "runs", "command": "run", "rows": [
+        {"label": "first; then alternating", "host": "O", "runs": [["a.json"], ["b.json", "c.json"]], "against": ["d.json"]}]}))
+    lines = speed_table.table(manifest).splitlines()
+    assert lines[2] == "| code and condition (reports) | compression, s | host |"
+    assert lines[4] == "| first; then alternating (`a.json`, `b.json`, `c.json`, `d.json`) | 7.87; 7.47, 7.70 against 8.20 | O |"
