@@ -112,9 +112,9 @@ def prime_triton_key() -> Optional[threading.Thread]:
     def prime() -> None:
         try:
             from triton.runtime.cache import triton_key
-        except ImportError:
+            triton_key()
+        except Exception:   # noqa: BLE001 - nothing here may disturb the run: the first launch computes it, as without this
             return
-        triton_key()
 
     thread = threading.Thread(target=prime, name="triton-key", daemon=True)
     thread.start()
