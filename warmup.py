@@ -121,12 +121,14 @@ def prime_triton_key() -> Optional[threading.Thread]:
     return thread
 
 
-def rehearse_attention(head_dim: int, seqlen: int, dtype: torch.dtype, device: torch.device | str) -> None:
-    """One causal attention of this head size, window length and dtype, as the decoder layers run it."""
+def rehearse_attention(head_dim: int, seqlen: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """One causal attention of this head size, window length and dtype, as the decoder layers run it.
+    Returns its output: [1, 1, seqlen, head_dim], zeros (q = k = v = 0)."""
     q = torch.zeros(1, 1, seqlen, head_dim, dtype=dtype, device=device)   # [batch, heads, seqlen, head_dim]
-    F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -31,4 +31,4 @@ def test_profile_functions_counts_the_calls(tmp_path, data_dir):
     r = run("profile_functions.py", tmp_path / "funcs.json", data_dir)
     assert r["funcs"]["channel_grouping.kmeans"][0] == 8   # one grouping per input group
     assert r["funcs"]["channel_grouping.allocate_bits_many"][0] == 8
-    assert all(seconds >= 0 for _, seconds in r["funcs"].values())
+    assert r["funcs"]["channel_grouping.kmeans"][1] > 0 and r["time_s"]["clustering"] > 0

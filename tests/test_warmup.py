@@ -58,8 +58,10 @@ def test_main_rehearses_the_named_attention(monkeypatch):
     assert len(seen) == 1
 
 
-def test_rehearsal_runs_a_causal_attention_on_the_cpu():
-    warmup.rehearse_attention(16, 8, torch.float32, "cpu")
+def test_rehearsal_runs_a_causal_attention_of_the_named_kind():
+    out = warmup.rehearse_attention(16, 8, torch.bfloat16, "cpu")
+    assert out.shape == (1, 1, 8, 16) and out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_start_is_cuda_only():
