@@ -147,6 +147,33 @@ def _orthonormalize(Y: Tensor, cholesky: bool | None = None) -> Tensor:
     return Q
 
 
+START_BLOCKS_KEPT = 4  # (seed, d, b, device, dtype) start blocks of subspace_eigenvectors kept (LRU)
+_START_BLOCKS: "OrderedDict[tuple, Tensor]" = OrderedDict()
+_START_LOCK = threading.Lock()
+
+
+def _start_block(seed: int, d: int, b: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The seeded orthonormal start block [d, b] of ``subspace_eigenvectors``, cached.
+
+    # Q0 = orthonormalize(randn(d, b; seed))
+
+    The same inputs give the same block, so the sub-layers of a decoder layer that share a seed and
+    an input width (LLaMA: q/k/v, o_proj and gate/up) compute it once: its Cholesky QR costs three
+    host reads. Callers never write into it (the solver copies it or replaces it).
+    """
+    key = (seed, d, b, torch.device(device), dtype)
+    with _START_LOCK:
+        Q = _START_BLOCKS.get(key)
+        if Q is not None:
+            _START_BLOCKS.move_to_end(key)
+            return Q
+    g = torch.Generator().manual_seed(seed)
+    Q = _orthonormalize(torch.randn(d, b, generator=g, dtype=torch.float32).to(device=device, dtype=dtype))
+    with _START_LOCK:
+        _lru(_START_BLOCKS, key, lambda: Q, START_BLOCKS_KEPT)
+    return Q
+
+
 def subspace_eigenvectors(
     M: Tensor,
     k: int,
@@ -180,8 +207,7 @@ def subspace_eigenvectors(
     """
     d = M.shape[0]
     b = min(d, k + max(oversample, 0))
-    g = torch.Generator().manual_seed(seed)
-    Q = _orthonormalize(torch.randn(d, b, generator=g, dtype=torch.float32).to(device=M.device, dtype=M.dtype))
+    Q = _start_block(seed, d, b, M.device, M.dtype)  # Q: [d, b] orthonormal (shared by the calls of one seed and shape)
     Z = M @ Q  # Z: [d, b] = M Q (Q orthonormal): the loop's invariant
     sigma = 0.0
     graphed = _eigen_graphed(M)
@@ -200,7 +226,7 @@ def subspace_eigenvectors(
                 V = Q @ U[:, -k:].flip(1)  # V: [d, k] top-k Ritz vectors
                 residual = (Z @ U[:, -k:].flip(1) - V * theta[-k:].flip(0)).norm(dim=0)  # [k]
                 room = float((theta_h - sigma).abs().min()) < float(theta_h[-k]) - sigma  # see the docstring
-                if bool((residual <= tol * theta.abs().max()).all()) and room:
+                if room and bool((residual <= tol * theta.abs().max()).all()):  # room first: no host read without it
                     return V.contiguous()
                 if b > k and float(theta_h[0]) < 0:
                     sigma = 0.5 * (float(theta_h[-k - 1]) + float(theta_h[0]))
@@ -837,6 +863,13 @@ def _check_bits(bit_choices: list[int]) -> list[int]:
 
 
 COLUMN_ERRORS_BLOCK = 1 << 18  # elements per row block of column_errors on the CPU (1 MiB of float32)
+COLUMN_ERRORS_BATCH = 1 << 24  # on a GPU, widths x rows x columns up to which every width is computed at once (64 MiB of float32 per buffer)
+
+
+def _batch_widths(device: torch.device, n: int) -> bool:
+    """Whether ``column_errors`` computes every width at once: on a GPU, for n = widths x rows x columns
+    up to COLUMN_ERRORS_BATCH (the CPU keeps its cache-sized row blocks)."""
+    return device.type != "cpu" and n <= COLUMN_ERRORS_BATCH
 
 
 def column_errors(
@@ -915,8 +948,24 @@ def column_errors(
     # sub-layer's (Vicuna-13B gate/up: 0.57 GB of float64 rather than 1.1 GB for the stack).
     bounds = [0, *itertools.accumulate(splits)]  # sub-layer s: rows bounds[s]:bounds[s + 1]
     widest = max(splits)
-    block = widest if device.type != "cpu" else max(1, COLUMN_ERRORS_BLOCK // in_f)
     sq = torch.empty(widest, in_f, dtype=torch.float64, device=device)  # sq: [rows, in] weighted squared errors
+    if _batch_widths(device, len(widths) * out_f * in_f):
+        # Small layers on a GPU: the elementwise work of every width and row at once (launches, not
+        # arithmetic, cost there), then each sum on sq as below: the same values, the same reductions.
+        s, z = scale_w.index_select(2, lab), zero_w.index_select(2, lab)  # s, z: [widths, out, in]
+        t = torch.div(Wf, s)  # q = s (clamp(round(W / s) + z, 0, maxq) - z)
+        t.round_().add_(z).clamp_(min=0.0)
+        torch.minimum(t, maxq_w[:, None, None], out=t)
+        t.sub_(z).mul_(s)
+        torch.sub(Wf, t, out=t)
+        t.mul_(t)  # (W - q)^2
+        t.mul_(h_row if keep_mask is None else h_row * keep_mask)  # h_j [kept]
+        for i_s, (first, end) in enumerate(zip(bounds, bounds[1:])):
+            for i in range(len(widths)):
+                sq[:end - first].copy_(t[i, first:end])
+                errors[i_s, :, widths[i][0]] = sq[:end - first].sum(0)
+        return errors if row_splits is not None else errors[0]
+    block = widest if device.type != "cpu" else max(1, COLUMN_ERRORS_BLOCK // in_f)
     t_buf = torch.empty(min(block, widest), in_f, dtype=torch.float32, device=device)  # scratch: [block, in]
     s_buf, z_buf = torch.empty_like(t_buf), torch.empty_like(t_buf)
     w_buf = h_row if keep_mask is None else torch.empty_like(t_buf)
@@ -986,8 +1035,8 @@ def _min_error_by_cost(costs: np.ndarray, errors: np.ndarray, cap: int) -> tuple
     return dp, choice
 
 
-def _min_error_by_cost_all(costs: np.ndarray, errors: np.ndarray, cap: int,
-                           device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def _knapsack_tables_all(costs: np.ndarray, errors: np.ndarray, cap: int,
+                         device: torch.device) -> tuple[Tensor, Tensor]:
     """``_min_error_by_cost`` of every group's complement at once, for S error tables, as torch ops on ``device``.
 
     # dp_g = knapsack over the groups h != g, in increasing h (row g skips its own step)
@@ -1001,24 +1050,102 @@ def _min_error_by_cost_all(costs: np.ndarray, errors: np.ndarray, cap: int,
     the S tables (sub-layers sharing one grouping, hence the same costs) cost the launches of one.
 
     Args: costs: [G, C] int64; errors: [S, G, C] float64.
-    Returns dp: [S, G, cap + 1] float64 and choice: [S, G, G, cap + 1] int8, choice[s, g, h] the
-    width index of group h in row (s, g)'s best combinations (choice[s, g, g] unused).
+    Returns dp: [S, G, cap + 1] float64 and choice: [S, G, G, cap + 1] int8 on ``device``, choice[s, g, h]
+    the width index of group h in row (s, g)'s best combinations (choice[s, g, g] unused).
     """
     S, G, C = errors.shape
     x = torch.arange(cap + 1, device=device)
     shift = x - torch.from_numpy(np.ascontiguousarray(costs)).to(device, non_blocking=True).unsqueeze(2)  # [G, C, cap+1] = x - cost
     err = torch.from_numpy(np.ascontiguousarray(errors, dtype=np.float64)).to(device, non_blocking=True)  # [S, G, C]
+    above = shift < 0  # above: [G, C, cap + 1] costs above x (all of x for a width above cap)
+    shift = shift.clamp_(min=0)
     dp = torch.full((S, G, cap + 1), math.inf, dtype=torch.float64, device=device)
     dp[:, :, 0] = 0.0
-    choice = torch.zeros(S, G, G, cap + 1, dtype=torch.int8, device=device)
+    choices = []
     for h in range(G):
-        cand = dp[:, :, shift[h].clamp(min=0)].add_(err[:, h].view(S, 1, C, 1))  # cand: [S, G, C, cap + 1]
-        cand.masked_fill_(shift[h] < 0, math.inf)  # costs above x (all of x for a width above cap)
+        cand = dp[:, :, shift[h]].add_(err[:, h].view(S, 1, C, 1))  # cand: [S, G, C, cap + 1]
+        cand.masked_fill_(above[h], math.inf)
         best, c = cand.min(dim=2)  # best: [S, G, cap + 1]; c: the first width of least error
-        choice[:, :, h] = c.to(torch.int8)
+        choices.append(c)
         best[:, h] = dp[:, h]  # row h leaves its own group out
         dp = best
+    return dp, torch.stack(choices, 2).to(torch.int8)  # choice: [S, G, G, cap + 1]
+
+
+def _min_error_by_cost_all(costs: np.ndarray, errors: np.ndarray, cap: int,
+                           device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """``_knapsack_tables_all`` read back to the host: dp [S, G, cap + 1] float64, choice [S, G, G, cap + 1] int8."""
+    dp, choice = _knapsack_tables_all(costs, errors, cap, device)
     return dp.cpu().numpy(), choice.cpu().numpy()
+
+
+SPLIT_SEARCH_CHUNK = 1 << 23  # elements per [S, G, P, W] tensor of _best_splits_all (64 MiB of float64); above: one table at a time
+
+
+def _best_splits_all(dp: Tensor, Es: np.ndarray, col_errs: Sequence[np.ndarray], lab: np.ndarray, sizes: np.ndarray,
+                     bits: np.ndarray, pairs: np.ndarray, lo: float, hi: float, target: float, d: int) -> Tensor:
+    """The accepted split of least error of each table, every (split group, pair of widths, total) at once on dp's device.
+
+    # err(g, a, b, x) = dp_g[x] + E[g, a] - saved_g,ab[m(x)],  m(x) = clip(floor((hi - x - n_g b_a) / (b_b - b_a)), 0, n_g)
+    # accepted: lo <= x + n_g b_a + m(x) (b_b - b_a) <= hi,  x in the window [lo - n_g b_b, hi - n_g b_a] of [0, cap_g]
+
+    The window pass of ``allocate_bits_many``'s host search, with the same float64 operations on
+    the same values (so bitwise the same candidates): the per-group loop and its per-pair
+    candidates become tensors [S, G, P, W] (W: the widest window, narrower ones padded with their
+    last x, as there). The cumulative gains (``saved``) are summed on the host in numpy's order.
+    Ties go to the first group, pair and x, as there.
+
+    Args: dp: [S, G, cap + 1] knapsack tables (``_knapsack_tables_all``); Es: [S, G, C]; col_errs: S x [d, C]
+    (ascending widths); lab: [d]; sizes: [G]; bits: [C] ascending; pairs: [P, 2] (a < b).
+    Returns: [S, 4] float64 on dp's device: found (1/0), g * P + pair index, x, m of each table's best split.
+    """
+    device = dp.device
+    S, G, _ = dp.shape
+    A, B = pairs[:, 0], pairs[:, 1]
+    n_max = int(sizes.max())
+    # saved[s, g, p, m]: error saved by moving group g's m channels of largest gain a -> b (numpy's cumsum order).
+    order = np.argsort(lab, kind="stable")
+    slot = np.arange(d) - np.concatenate([[0], np.cumsum(sizes)])[lab[order]]  # position of each column in its group
+    P = len(pairs)
+    saved = np.zeros((S, G, n_max + 1, P))
+    for s, col_err in enumerate(col_errs):
+        neg = np.full((G, n_max, P), np.inf)  # -(gain), padded with +inf (sorted last)
+        neg[lab[order], slot] = -(col_err[order][:, A] - col_err[order][:, B])
+        np.cumsum(-np.sort(neg, axis=1), axis=1, out=saved[s, :, 1:])  # descending gains, summed in order
+
+    caps = math.floor(target + 0.01 * d) - sizes * int(bits[0])  # caps: [G] most bits the other groups may take
+    ok = caps >= 0  # a group whose split leaves the others no bits is no candidate
+    capc = np.maximum(caps, 0)[:, None]
+    xs = np.clip(np.ceil(lo - sizes[:, None] * bits[B][None, :]), 0, capc)  # xs, xe: [G, P] accepted x lie in [xs, xe]
+    xe = np.clip(np.floor(hi - sizes[:, None] * bits[A][None, :]), 0, capc)
+    W = int((xe - xs)[ok].max()) + 1
+    # Every host array in one copy to the device (float64: all are integers below 2^53 or float64 already).
+    parts = [xs, xe, sizes[:, None] * bits[A][None, :], (bits[B] - bits[A]).astype(np.float64), sizes, ok, Es[:, :, A],
+             saved.transpose(0, 1, 3, 2)]
+    flat = torch.from_numpy(np.concatenate([np.ravel(a).astype(np.float64) for a in parts])).to(device, non_blocking=True)
+    xs_t, xe_t, off_t, step_t, n_t, ok_t, E_a, saved_t = (v.view(a.shape) for v, a in zip(flat.split([a.size for a in parts]), parts))
+    xi = torch.minimum(xs_t[..., None] + torch.arange(W, device=device, dtype=torch.float64), xe_t[..., None])  # xi: [G, P, W]
+    base = xi + off_t[..., None]  # base: [G, P, W] bits before the split (x + n_g b_a)
+    m = torch.minimum(torch.floor((hi - base) / step_t[:, None]).clamp_(min=0.0), n_t[:, None, None])  # m: most channels keeping the total <= hi
+    total = base + m * step_t[:, None]
+    miss = torch.where((total >= lo) & (total <= hi), 0.0, (total - target).abs())  # miss: [G, P, W]
+    miss = torch.where((total <= target + 0.01 * d) & (ok_t[:, None, None] > 0), miss, math.inf)
+    xi_l, m_l = xi.long(), m.long()
+    out = []
+    per = max(1, SPLIT_SEARCH_CHUNK // max(1, G * P * W))  # tables per chunk
+    for s0 in range(0, S, per):
+        n = min(S, s0 + per) - s0
+        dp_x = dp[s0:s0 + n].gather(2, xi_l.view(1, G, -1).expand(n, -1, -1)).view(n, G, P, W)  # dp_x: [n, G, P, W]
+        miss_s = torch.where(dp_x < math.inf, miss, math.inf)
+        err = (dp_x + E_a[s0:s0 + n, :, :, None]) - saved_t[s0:s0 + n].gather(3, m_l.expand(n, -1, -1, -1))
+        best_x = torch.where(miss_s == miss_s.amin(3, keepdim=True), err, math.inf).argmin(3, keepdim=True)  # [n, G, P, 1]
+        accepted = (miss_s.gather(3, best_x) == 0).view(n, G * P)  # the best x of each (g, p) is accepted
+        err_ok = torch.where(accepted, err.gather(3, best_x).view(n, G * P), math.inf)
+        first = (accepted & (err_ok == err_ok.amin(1, keepdim=True))).to(torch.uint8).argmax(1)  # first: [n] least error, first (g, p)
+        at = best_x.view(n, G * P).gather(1, first[:, None]).squeeze(1)  # at: [n] its x
+        out.append(torch.stack([accepted.any(1).double(), first.double(),
+                                xi.view(G * P, W)[first, at], m.view(G * P, W)[first, at]], 1))
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], target_avg: float,
@@ -1104,13 +1231,48 @@ def allocate_bits_many(col_errors: Sequence[Tensor] | Tensor, labels: Tensor, bi
     members = np.argsort(lab, kind="stable")  # the columns of each group, ascending, group after group
     starts = np.concatenate([[0], np.cumsum(sizes)])
 
-    tables_all = None
+    dp_all, choice_all, found = None, None, None
     max_cap = math.floor(target + 0.01 * d) - int(sizes.min()) * int(bits[0])  # the largest cap (the smallest split group)
     if device is not None and len(pairs) and max_cap >= 0:
-        tables_all = _min_error_by_cost_all(costs, Es, max_cap, torch.device(device))  # [S, G, cap + 1], [S, G, G, cap + 1]
+        # The knapsack tables and the accepted split of least error of every table on the device; the host
+        # reads the splits and the choice tables (dp only for a table with no accepted split: the fallback).
+        dp_all, choice_t = _knapsack_tables_all(costs, Es, max_cap, torch.device(device))  # [S, G, cap + 1], [S, G, G, cap + 1]
+        found = _best_splits_all(dp_all, Es, col_errs, lab, sizes, bits, pairs, lo, hi, target, d).cpu().numpy()  # [S, 4]
+        choice_all = choice_t.cpu().numpy()
 
-    def one(col_err: np.ndarray, E: np.ndarray, tables: Optional[tuple[np.ndarray, np.ndarray]]) -> BitAllocation:
-        """The allocation of one table: col_err [d, C] (ascending widths), E [G, C], its knapsack tables or None."""
+    def finish(col_err: np.ndarray, best: Optional[tuple]) -> BitAllocation:
+        """The allocation of a best (miss, error, g, a, b, x, m, others, knapsack choice), or of none."""
+        width = np.zeros(G, dtype=np.int64)  # width: [G] index into bits (all 0 when there is one width)
+        new_labels = lab.copy()
+        split_bits: list[int] = []
+        if best is not None:
+            _, _, g, a, b, x_left, m_g, others, choice = best
+            for i in range(len(others) - 1, -1, -1):  # backtrack the knapsack
+                width[others[i]] = choice[i, x_left]
+                x_left -= int(costs[others[i], width[others[i]]])
+            cols = members[starts[g]:starts[g + 1]]
+            width[g] = b if m_g == cols.size else a
+            if 0 < m_g < cols.size:
+                moved = cols[np.argsort(-(col_err[cols, a] - col_err[cols, b]), kind="stable")[:m_g]]
+                new_labels[moved] = G
+                split_bits = [int(bits[b])]
+        group_bits = bits[width].tolist() + split_bits
+        col_bits = np.array(group_bits, dtype=np.int64)[new_labels]  # col_bits: [d]
+        est_error = float(np.take_along_axis(col_err, np.searchsorted(bits, col_bits)[:, None], 1).sum())  # sum_j E[j, b_j]
+        home = labels.device
+        return BitAllocation(col_bits=torch.from_numpy(col_bits).to(home), labels=torch.from_numpy(new_labels).to(home),
+                             group_bits=group_bits, est_error=est_error)
+
+    def one(col_err: np.ndarray, E: np.ndarray, s: int) -> BitAllocation:
+        """The allocation of table s: col_err [d, C] (ascending widths), E [G, C]."""
+        if found is not None and found[s, 0]:  # the device's search (_best_splits_all): no host candidates
+            gp, x_best, m_best = (int(v) for v in found[s, 1:])
+            g, k = divmod(gp, len(pairs))
+            others = [h for h in range(G) if h != g]
+            return finish(col_err, (0.0, 0.0, g, int(A[k]), int(B[k]), x_best, m_best, others, choice_all[s][g, others]))
+        # The host search: no device, or no accepted split on it (the closest total then wins).
+        tables = None if dp_all is None else (dp_all[s].cpu().numpy(), choice_all[s])
+
         def candidates(dp: np.ndarray, g: int, saved: np.ndarray, xi: np.ndarray, above: bool) -> tuple[np.ndarray, ...]:
             """Best x per (a, b, m choice) of split group g among the other groups' totals xi: [P, W] ascending.
 
@@ -1180,26 +1342,6 @@ def allocate_bits_many(col_errors: Sequence[Tensor] | Tensor, labels: Tensor, bi
             if best is not None:
                 break
 
-        width = np.zeros(G, dtype=np.int64)  # width: [G] index into bits (all 0 when there is one width)
-        new_labels = lab.copy()
-        split_bits: list[int] = []
-        if best is not None:
-            _, _, g, a, b, x_left, m_g, others, choice = best
-            for i in range(len(others) - 1, -1, -1):  # backtrack the knapsack
-                width[others[i]] = choice[i, x_left]
-                x_left -= int(costs[others[i], width[others[i]]])
-            cols = members[starts[g]:starts[g + 1]]
-            width[g] = b if m_g == cols.size else a
-            if 0 < m_g < cols.size:
-                moved = cols[np.argsort(-(col_err[cols, a] - col_err[cols, b]), kind="stable")[:m_g]]
-                new_labels[moved] = G
-                split_bits = [int(bits[b])]
-        group_bits = bits[width].tolist() + split_bits
-        col_bits = np.array(group_bits, dtype=np.int64)[new_labels]  # col_bits: [d]
-        est_error = float(np.take_along_axis(col_err, np.searchsorted(bits, col_bits)[:, None], 1).sum())  # sum_j E[j, b_j]
-        home = labels.device
-        return BitAllocation(col_bits=torch.from_numpy(col_bits).to(home), labels=torch.from_numpy(new_labels).to(home),
-                             group_bits=group_bits, est_error=est_error)
+        return finish(col_err, best)
 
-    return [one(col_err, E, None if tables_all is None else (tables_all[0][s], tables_all[1][s]))
-            for s, (col_err, E) in enumerate(zip(col_errs, Es))]
+    return [one(col_err, E, s) for s, (col_err, E) in enumerate(zip(col_errs, Es))]

@@ -988,3 +988,133 @@ def test_one_host_thread_restores_the_thread_count():
             assert torch.get_num_threads() == 1
             raise RuntimeError("inside")
     assert torch.get_num_threads() == n
+
+
+def _stacked_instance(seed: int):
+    """S error tables sharing labels (the sub-layers of one input), widths and a target from the seed."""
+    rng = np.random.default_rng(seed)
+    d = int(rng.choice([9, 24, 100, 333, 576, 1000, 1536]))
+    G = int(rng.integers(1, min(d, 9) + 1))
+    C_bits = sorted(rng.choice([2, 3, 4, 5, 6, 8, 16], size=int(rng.integers(1, 6)), replace=False).tolist())
+    col, labels = _random_instance(seed, d, G, C_bits, zero_groups=int(rng.integers(0, 2)), ties=bool(seed % 3 == 0))
+    tables = [col * float(rng.uniform(0.5, 2.0)) for _ in range(int(rng.integers(1, 4)))]
+    if seed % 3 == 0:
+        tables[0] = col  # ties: equal errors, equal gains and equal knapsack totals
+    lo_b, hi_b = min(C_bits), max(C_bits)
+    return tables, labels, C_bits, [lo_b, hi_b, float(rng.uniform(lo_b, hi_b)), round(float(rng.uniform(lo_b, hi_b)), 1)]
+
+
+def _device_search_agrees(device: str, seeds, monkeypatch) -> None:
+    """allocate_bits_many with the device's split search is bitwise the host search (device=None), and the
+    device search answers (finds an accepted split) in most tables, so the comparison exercises it."""
+    import channel_grouping as cg
+    found, total = [0], [0]
+    search = cg._best_splits_all
+
+    def counted(*args, **kwargs):
+        out = search(*args, **kwargs)
+        found[0] += int(out[:, 0].sum())
+        total[0] += out.shape[0]
+        return out
+
+    monkeypatch.setattr(cg, "_best_splits_all", counted)
+    for seed in seeds:
+        tables, labels, C_bits, targets = _stacked_instance(seed)
+        for target in targets:
+            host = allocate_bits_many(tables, labels, C_bits, target)
+            dev = allocate_bits_many(tables, labels, C_bits, target, device=device)
+            for h, v in zip(host, dev):
+                assert h.group_bits == v.group_bits, (seed, target)
+                assert torch.equal(h.labels.cpu(), v.labels.cpu()) and torch.equal(h.col_bits.cpu(), v.col_bits.cpu())
+                assert h.est_error == v.est_error
+    assert total[0] > 0 and found[0] >= 0.6 * total[0], (found, total)
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_device_split_search_is_bitwise_the_host_search(chunk, monkeypatch) -> None:
+    import channel_grouping as cg
+    if chunk is not None:  # one table per chunk
+        monkeypatch.setattr(cg, "SPLIT_SEARCH_CHUNK", chunk)
+    _device_search_agrees("cpu", range(60) if chunk is None else range(60, 80), monkeypatch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_split_search_on_cuda_is_bitwise_the_host_search(monkeypatch) -> None:
+    _device_search_agrees("cuda", range(200), monkeypatch)
+
+
+def test_device_split_search_falls_back_to_the_closest_total() -> None:
+    """No accepted total anywhere (14-bit steps on 9 channels): the host's closest-total search decides."""
+    import channel_grouping as cg
+    col, labels = _random_instance(3, 9, 3, [2, 16])
+    for target in (2.5, 3.3, 9.0, 15.9):
+        host = allocate_bits(col, labels, [2, 16], target)
+        tables = [col, 2 * col]
+        dev = allocate_bits_many(tables, labels, [2, 16], target, device="cpu")
+        found = cg._best_splits_all(*_search_inputs(tables, labels, [2, 16], target))
+        assert not found[:, 0].any()  # the device found nothing: the host decided
+        assert dev[0].group_bits == host.group_bits and torch.equal(dev[0].labels, host.labels)
+        assert abs(dev[0].col_bits.double().mean() - target) > 0.01
+
+
+def _search_inputs(tables, labels, bits, target_avg):
+    """The arguments allocate_bits_many gives _best_splits_all (widths ascending), for a direct call."""
+    import channel_grouping as cg
+    lab = labels.numpy()
+    d, G = lab.size, int(lab.max()) + 1
+    sizes = np.bincount(lab, minlength=G)
+    bits_np = np.array(sorted(bits), dtype=np.int64)
+    col_errs = [t.double().numpy() for t in tables]
+    Es = np.zeros((len(col_errs), G, len(bits)))
+    for E_s, c in zip(Es, col_errs):
+        np.add.at(E_s, lab, c)
+    pairs = np.array(list(itertools.combinations(range(len(bits)), 2)), dtype=np.int64).reshape(-1, 2)
+    target = target_avg * d
+    lo, hi = target - 0.01 * d, target + min(0.5, 0.01 * d)
+    cap = math.floor(target + 0.01 * d) - int(sizes.min()) * int(bits_np[0])
+    dp, _ = cg._knapsack_tables_all(sizes[:, None] * bits_np[None, :], Es, cap, torch.device("cpu"))
+    return dp, Es, col_errs, lab, sizes, bits_np, pairs, lo, hi, target, d
+
+
+def test_start_blocks_are_cached_and_give_the_uncached_result(monkeypatch) -> None:
+    import channel_grouping as cg
+    g = _gen(21)
+    X = torch.randn(300, 300, generator=g)
+    Ms = [(X + X.T) / 2, X @ X.T / 300]
+    cg._START_BLOCKS.clear()
+    first = [cg.subspace_eigenvectors(M, 6, seed=5) for M in Ms]  # the second call reuses the first's start block
+    assert len(cg._START_BLOCKS) == 1
+    calls, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: calls.append(1) or randn(*a, **k))
+    again = [cg.subspace_eigenvectors(M, 6, seed=5) for M in Ms]
+    assert not calls  # cached: no new start block drawn
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    monkeypatch.setattr(cg, "START_BLOCKS_KEPT", 2)
+    for seed in (6, 7, 8):
+        cg._start_block(seed, 300, 26, torch.device("cpu"), torch.float32)
+    assert [k[0] for k in cg._START_BLOCKS] == [7, 8]  # least recently used dropped
+    cg._START_BLOCKS.clear()
+    calls.clear()
+    fresh = [cg.subspace_eigenvectors(M, 6, seed=5) for M in Ms]  # drawn and orthonormalised again
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, fresh))
+    cg._START_BLOCKS.clear()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_column_errors_of_all_widths_at_once_are_bitwise_the_per_width_errors(masked, monkeypatch) -> None:
+    """The GPU's small-layer path (every width in one pass), forced on the CPU, against the row-block path."""
+    import channel_grouping as cg
+    g = _gen(31)
+    W = torch.randn(90, 77, generator=g) * torch.exp(torch.randn(1, 77, generator=g))
+    W[:, 5] = 0.0
+    h = torch.rand(77, generator=g)
+    labels = torch.randint(0, 6, (77,), generator=g)
+    mask = (torch.rand(90, 77, generator=g) > 0.5) if masked else None
+    for sym in (False, True):
+        per_width = column_errors(W, h, labels, 6, [2, 3, 4, 8, 16], mask, sym, row_splits=[30, 20, 40])
+        monkeypatch.setattr(cg, "_batch_widths", lambda device, n: True)
+        at_once = column_errors(W, h, labels, 6, [2, 3, 4, 8, 16], mask, sym, row_splits=[30, 20, 40])
+        monkeypatch.undo()
+        assert torch.equal(per_width, at_once)
+    assert not cg._batch_widths(torch.device("cpu"), 1) and cg._batch_widths(torch.device("cuda"), cg.COLUMN_ERRORS_BATCH)
+    assert not cg._batch_widths(torch.device("cuda"), cg.COLUMN_ERRORS_BATCH + 1)
