@@ -1173,8 +1173,10 @@ def allocate_bits(col_errors: Tensor, labels: Tensor, bit_choices: list[int], ta
 
     Cost: G knapsacks of G - 1 groups over ~target * d costs, O(G^2 * C * target * d) vector work,
     in numpy on the host with all (a, b, m) candidates of a split group at once. ``device`` (a
-    CUDA device): the knapsacks run there, all G as one table (``_min_error_by_cost_all``, bitwise
-    the same tables), and the host keeps the candidates.
+    CUDA device): the knapsacks run there, all G as one table (``_knapsack_tables_all``, bitwise
+    the same tables), and so does the search over split groups, pairs and totals
+    (``_best_splits_all``, bitwise the host's window pass); the host backtracks the winner, and
+    searches itself only when no total is accepted.
     Guarantee: avg <= target + 0.01; |avg - target| <= 0.01 whenever one channel's step between
     consecutive widths is <= 0.02 * d bits (e.g. d >= 400 with an 8 -> 16 step).
 
@@ -1190,9 +1192,10 @@ def allocate_bits_many(col_errors: Sequence[Tensor] | Tensor, labels: Tensor, bi
                        device: torch.device | str | None = None) -> list[BitAllocation]:
     """``allocate_bits`` of several column-error tables that share ``labels`` (the sub-layers of one input).
 
-    Each result is bitwise that table's own ``allocate_bits``; with ``device``, the knapsack tables of
-    all of them are one torch computation (``_min_error_by_cost_all``: one set of launches and one
-    host read instead of one per sub-layer). col_errors: S tensors [d, C] (or one [S, d, C]).
+    Each result is bitwise that table's own ``allocate_bits``; with ``device``, the knapsack tables and
+    the split search of all of them are one torch computation (``_knapsack_tables_all``,
+    ``_best_splits_all``: one set of launches and two host reads instead of a set per sub-layer).
+    col_errors: S tensors [d, C] (or one [S, d, C]).
     """
     bits_in = _check_bits(bit_choices)
     if labels.dim() != 1 or labels.is_floating_point() or labels.numel() == 0:
