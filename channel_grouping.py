@@ -673,7 +673,7 @@ def _lloyd(X: Tensor, C: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Ten
         return _assign(X, C), C.clone()
 
 
-def kmeans(X: Tensor, k: int, seed: int = 0, n_init: int = 4) -> Tensor:
+def kmeans(X: Tensor, k: int, seed: int = 0, n_init: int = 4, *, finite_checked: bool = False) -> Tensor:
     """k-means (k-means++ init, Lloyd, ``n_init`` restarts run as one batch) with no empty cluster.
 
     # argmin_labels sum_i |x_i - c_{label_i}|^2
@@ -700,7 +700,8 @@ def kmeans(X: Tensor, k: int, seed: int = 0, n_init: int = 4) -> Tensor:
         raise ValueError(f"X must be [n, f], got {tuple(X.shape)}")
     n = X.shape[0]
     _check_k(n, k)
-    _check_finite("X", X)
+    if not finite_checked:  # (a host read) spectral_cluster's embedding comes from a checked M: finite
+        _check_finite("X", X)
     if n_init < 1:
         raise ValueError(f"n_init must be >= 1, got {n_init}")
     if k == 1:
@@ -715,7 +716,8 @@ def kmeans(X: Tensor, k: int, seed: int = 0, n_init: int = 4) -> Tensor:
     return _canonical(_fill_empty(X, labels[best], C[best], k), k)
 
 
-def silhouette_score(X: Tensor, labels: Tensor, max_samples: int = 2048, seed: int = 0) -> float:
+def silhouette_score(X: Tensor, labels: Tensor, max_samples: int = 2048, seed: int = 0, *,
+                     finite_checked: bool = False) -> float:
     """Mean silhouette (Euclidean, as sklearn's) over a random subsample of at most ``max_samples`` points.
 
     # s_i = (b_i - a_i) / max(a_i, b_i);  a_i = sum_{own} d_ij / (n_own - 1), b_i = min_{c != own} mean_{j in c} d_ij
@@ -731,7 +733,8 @@ def silhouette_score(X: Tensor, labels: Tensor, max_samples: int = 2048, seed: i
     """
     if X.dim() != 2 or labels.dim() != 1 or labels.shape[0] != X.shape[0]:
         raise ValueError(f"X [n, f] and labels [n] mismatch: {tuple(X.shape)} vs {tuple(labels.shape)}")
-    _check_finite("X", X)
+    if not finite_checked:  # as in kmeans
+        _check_finite("X", X)
     n = X.shape[0]
     idx = np.random.RandomState(seed).permutation(n)[:max_samples] if n > max_samples else np.arange(n)
     sel = torch.from_numpy(idx).to(X.device)
@@ -813,8 +816,9 @@ def spectral_cluster(
     del A
     # k-means and the silhouette run where the embedding lives (batched restarts, few host reads).
     Y = V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)  # Y: [d, k] row-normalised embedding
-    labels = kmeans(Y, n_groups, seed=seed, n_init=n_init)
-    sil = silhouette_score(Y, labels, max_samples=silhouette_samples, seed=seed)
+    # Y is finite: M passed top_eigenvectors' check, its eigenvectors are finite, rows are clamped away from 0.
+    labels = kmeans(Y, n_groups, seed=seed, n_init=n_init, finite_checked=True)
+    sil = silhouette_score(Y, labels, max_samples=silhouette_samples, seed=seed, finite_checked=True)
     return Grouping(labels.to(device), sil)
 
 

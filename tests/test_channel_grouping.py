@@ -1118,3 +1118,24 @@ def test_column_errors_of_all_widths_at_once_are_bitwise_the_per_width_errors(ma
         assert torch.equal(per_width, at_once)
     assert not cg._batch_widths(torch.device("cpu"), 1) and cg._batch_widths(torch.device("cuda"), cg.COLUMN_ERRORS_BATCH)
     assert not cg._batch_widths(torch.device("cuda"), cg.COLUMN_ERRORS_BATCH + 1)
+
+
+def test_spectral_cluster_checks_its_embedding_once(monkeypatch) -> None:
+    """The affinity is checked (one host read) and M once; k-means and the silhouette trust the embedding
+    derived from it, while their public calls still refuse NaN."""
+    import channel_grouping as cg
+    g = _gen(41)
+    X = torch.randn(300, 40, generator=g)
+    A = (X.T @ X).abs() / 300
+    names = []
+    check = cg._check_finite
+    monkeypatch.setattr(cg, "_check_finite", lambda name, t: names.append(name) or check(name, t))
+    grouping = cg.spectral_cluster(A, 4, seed=0)
+    assert names == ["M"] and torch.bincount(grouping.labels, minlength=4).min() > 0
+    monkeypatch.undo()
+    Y = torch.randn(40, 4, generator=g)
+    Y[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cg.kmeans(Y, 4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cg.silhouette_score(Y, torch.arange(40) % 4)
