@@ -1076,13 +1076,6 @@ def _knapsack_tables_all(costs: np.ndarray, errors: np.ndarray, cap: int,
     return dp, torch.stack(choices, 2).to(torch.int8)  # choice: [S, G, G, cap + 1]
 
 
-def _min_error_by_cost_all(costs: np.ndarray, errors: np.ndarray, cap: int,
-                           device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """``_knapsack_tables_all`` read back to the host: dp [S, G, cap + 1] float64, choice [S, G, G, cap + 1] int8."""
-    dp, choice = _knapsack_tables_all(costs, errors, cap, device)
-    return dp.cpu().numpy(), choice.cpu().numpy()
-
-
 SPLIT_SEARCH_CHUNK = 1 << 23  # elements per [S, G, P, W] tensor of _best_splits_all (64 MiB of float64); above: one table at a time
 
 

@@ -21,7 +21,7 @@ import vicuna_mi  # noqa: E402
 
 FUNCTIONS = [(cg, n) for n in ("top_eigenvectors", "subspace_eigenvectors", "_orthonormalize", "kmeans", "_kmeans_plusplus",
                                "_lloyd", "_fill_empty", "_canonical", "silhouette_score", "column_errors",
-                               "allocate_bits_many", "_min_error_by_cost_all", "_knapsack_tables_all", "_best_splits_all",
+                               "allocate_bits_many", "_knapsack_tables_all", "_best_splits_all",
                                "_start_block")]
 FUNCTIONS += [(quant, "stacked_group_grid"), (vicuna_mi, "finish_records"), (cg._EigenWindows, "run")]
 

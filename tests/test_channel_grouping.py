@@ -883,7 +883,7 @@ def test_allocation_in_threads_equals_the_serial_allocation(monkeypatch):
 
 
 def test_knapsack_table_of_all_groups_is_bitwise_each_groups_knapsack():
-    from channel_grouping import _min_error_by_cost, _min_error_by_cost_all
+    from channel_grouping import _knapsack_tables_all, _min_error_by_cost
     rng = np.random.RandomState(4)
     G, C = 6, 4
     costs = rng.randint(1, 40, (G, 1)) * np.array([[2, 3, 4, 8]])
@@ -891,7 +891,7 @@ def test_knapsack_table_of_all_groups_is_bitwise_each_groups_knapsack():
     errors[2, 1] = errors[2, 0]                                     # a tie: the narrower width must win
     cap = 300
     tables = np.stack([errors, rng.rand(G, C)])                     # two sub-layers' tables, one set of costs
-    dp_all, choice_all = _min_error_by_cost_all(costs, tables, cap, torch.device("cpu"))
+    dp_all, choice_all = (t.numpy() for t in _knapsack_tables_all(costs, tables, cap, torch.device("cpu")))
     assert dp_all.shape == (2, G, cap + 1) and choice_all.shape == (2, G, G, cap + 1)
     for s in range(2):
         for g in range(G):
