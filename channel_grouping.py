@@ -1065,15 +1065,15 @@ def _knapsack_tables_all(costs: np.ndarray, errors: np.ndarray, cap: int,
     shift = shift.clamp_(min=0)
     dp = torch.full((S, G, cap + 1), math.inf, dtype=torch.float64, device=device)
     dp[:, :, 0] = 0.0
-    choices = []
+    choice = torch.empty(S, G, G, cap + 1, dtype=torch.int8, device=device)
     for h in range(G):
         cand = dp[:, :, shift[h]].add_(err[:, h].view(S, 1, C, 1))  # cand: [S, G, C, cap + 1]
         cand.masked_fill_(above[h], math.inf)
         best, c = cand.min(dim=2)  # best: [S, G, cap + 1]; c: the first width of least error
-        choices.append(c)
+        choice[:, :, h] = c  # (cast to int8 in the copy)
         best[:, h] = dp[:, h]  # row h leaves its own group out
         dp = best
-    return dp, torch.stack(choices, 2).to(torch.int8)  # choice: [S, G, G, cap + 1]
+    return dp, choice
 
 
 SPLIT_SEARCH_CHUNK = 1 << 23  # elements per [S, G, P, W] tensor of _best_splits_all (64 MiB of float64); above: one table at a time
