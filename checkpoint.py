@@ -47,6 +47,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -544,11 +545,26 @@ def check_destination(path: str, flag: str, dense: bool = False, model: Optional
         src, dst = Path(model).resolve(), p.resolve()
         if src == dst or dst in src.parents:
             raise CheckpointError(f"{flag} {path}: would overwrite the model being compressed")
-    ancestor = p.resolve().parent
+    ancestor = unwritable_ancestor(p)
+    if ancestor is not None:
+        raise CheckpointError(f"{flag} {path}: {ancestor} is not a writable directory")
+
+
+def unwritable_ancestor(path: str | Path) -> Optional[Path]:
+    """The nearest existing ancestor of ``path`` when no new entry can be made in it, else None.
+
+    Tried rather than guessed: root passes ``os.access`` on read-only file systems such as /proc.
+    """
+    ancestor = Path(path).resolve().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise CheckpointError(f"{flag} {path}: {ancestor} is not a writable directory")
+    if not ancestor.is_dir():
+        return ancestor
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".vicuna_mi-probe-", dir=ancestor))
+    except OSError:
+        return ancestor
+    return None
 
 
 class _AtomicDir:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -159,19 +159,25 @@ def _join_train(name: str, rows: list[str]) -> str:
     return " ".join(rows)
 
 
+def _eval_split(name: str) -> str:
+    """The split perplexity is measured on: test, except c4's validation (SparseGPT's c4-new)."""
+    _spec(name)
+    return "validation" if name == "c4" else "test"
+
+
 def eval_text(name: str, data_dir: str | None) -> str:
     """The evaluation string of a dataset, following SparseGPT's conventions."""
-    _spec(name)
+    rows = load_rows(name, _eval_split(name), data_dir)
     if name == "wikitext2":
         # SparseGPT/GPTQ: "\n\n".join(test["text"]); rows already end in "\n", so a
         # paragraph break becomes "\n\n\n" and a blank row adds "\n\n".
-        return "\n\n".join(load_rows(name, "test", data_dir))
+        return "\n\n".join(rows)
     if name == "ptb":
         # SparseGPT / GPTQ ptb-new: " ".join(test["sentence"]) (old GPTQ ptb used validation + "\n\n").
-        return " ".join(load_rows(name, "test", data_dir))
+        return " ".join(rows)
     # c4 (SparseGPT = GPTQ c4-new): " ".join(validation[:1100]["text"]); the local copy
     # holds only 1025 documents, and slicing simply uses what there is.
-    return " ".join(load_rows(name, "validation", data_dir)[:C4_EVAL_DOCS])
+    return " ".join(rows[:C4_EVAL_DOCS])
 
 
 def eval_tokens(name: str, tokenizer: Any, seqlen: int, data_dir: str | None) -> torch.LongTensor:
@@ -247,6 +253,44 @@ def _calib_split(name: str, split: str) -> str:
     return "train" if name == "c4" else split
 
 
+def _calib_sources(names: str, split: str, data_dir: str | None) -> list[tuple[str, str]]:
+    """The (dataset, split) pairs a calibration mix such as "c4+ptb" reads, checked to exist locally."""
+    parts = [p.strip() for p in names.split("+")]
+    for part in parts:
+        if not part:
+            raise DataError(f"calibration mix {names!r} has an empty name; join names with '+', as in c4+ptb")
+        _spec(part)
+    sources = [(part, _calib_split(part, split)) for part in parts]
+    if data_dir is not None:
+        for part, part_split in sources:
+            path = Path(data_dir) / DATASETS[part].local_files[part_split]
+            if not path.is_file() and part != "c4":  # c4 has no other split to offer
+                other = "validation" if part_split == "train" else "train"
+                raise DataError(f"{part} has no {part_split} split in {data_dir} (missing {path}): "
+                                f"pass --calib_split {other}")
+    return sources
+
+
+def check_sources(calibration: str, evaluation: Sequence[str], split: str, data_dir: str | None,
+                  calibrates: bool = True) -> None:
+    """Raise DataError, before a model is loaded, for an unknown name or split or a missing local file.
+
+    ``calibration`` is the calibration mix (its files are checked only if ``calibrates``), ``evaluation``
+    the sets whose perplexity is measured. Without ``data_dir`` the hub is read later: names only.
+    """
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data_dir {data_dir}: not a directory")
+    sources = [(name, _eval_split(name)) for name in evaluation]
+    calib = _calib_sources(calibration, split, data_dir if calibrates else None)
+    if calibrates:
+        sources += calib
+    if data_dir is not None:
+        for name, name_split in sources:
+            path = Path(data_dir) / DATASETS[name].local_files[name_split]
+            if not path.is_file():
+                raise DataError(f"missing data file for {name} {name_split}: {path}")
+
+
 def calibration_windows(
     names: str,
     tokenizer: Any,
@@ -263,19 +307,10 @@ def calibration_windows(
     of wikitext2 and ptb have no train split); c4 always uses its train split. Reproducible
     from ``seed`` (own generator, no global RNG).
     """
-    parts = [p.strip() for p in names.split("+")]
-    for part in parts:
-        _spec(part)
-    splits = [_calib_split(part, split) for part in parts]
     if nsamples < 0 or seqlen < 1:
         raise DataError(f"need nsamples >= 0 and seqlen >= 1, got nsamples={nsamples}, seqlen={seqlen}")
-    if data_dir is not None:
-        for part, part_split in zip(parts, splits):
-            path = Path(data_dir) / DATASETS[part].local_files[part_split]
-            if not path.is_file() and part != "c4":  # c4 has no other split to offer
-                other = "validation" if part_split == "train" else "train"
-                raise DataError(f"{part} has no {part_split} split in {data_dir} (missing {path}): "
-                                f"pass --calib_split {other}")
+    sources = _calib_sources(names, split, data_dir)
+    parts, splits = [part for part, _ in sources], [part_split for _, part_split in sources]
     # Load every split first so a missing file fails before any tokenizing.
     rows = [load_rows(part, part_split, data_dir) for part, part_split in zip(parts, splits)]
     base, extra = divmod(nsamples, len(parts))

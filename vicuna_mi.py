@@ -12,6 +12,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -37,7 +38,7 @@ import modelutils
 import quant
 import sparsegpt
 import warmup
-from walker import Activations, LayerWalker, auto_batch_size, get_decoder_layers
+from walker import Activations, LayerWalker, activation_bytes, auto_batch_size, get_decoder_layers
 
 # Sub-layers that share an input, in the order of the forward pass (true-sequential): each group
 # gets one Hessian and one SparseGPT call. Layers of other families fall back to one group per Linear.
@@ -164,8 +165,34 @@ def check_model(cfg: CompressConfig, model: nn.Module) -> None:
                              f"channels are not a multiple of M={cfg.prunem}")
 
 
+def free_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory a new allocation can take on ``device`` now (None where it can't be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil  # installed with accelerate
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
+def check_memory(cfg: CompressConfig, model: nn.Module, device: torch.device) -> None:
+    """Refuse, before calibration, windows whose activations alone exceed the device's free memory."""
+    if not (cfg.prune or cfg.quantize):
+        return
+    need, free = activation_bytes(model, cfg.nsamples, cfg.seqlen), free_memory_bytes(device)
+    if free is not None and need > free:
+        raise UsageError(f"--nsamples {cfg.nsamples} x --seqlen {cfg.seqlen} need {_size(need)} of activations "
+                         f"on {device.type}, more than the {_size(free)} free; lower --nsamples or --seqlen")
+
+
+def _size(n: int) -> str:
+    """Bytes as GiB, or MiB below 1 GiB."""
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
 def check_outputs(cfg: CompressConfig) -> None:
-    """Reject bad --save/--save_dense destinations before any work (each message is one line)."""
+    """Reject bad --out/--save/--save_dense destinations before any work (each message is one line)."""
     if cfg.save and not (cfg.prune or cfg.quantize):
         raise UsageError("--save writes a compressed checkpoint but nothing is pruned or quantized; "
                          "use --save_dense for a plain fp16 copy")
@@ -176,6 +203,14 @@ def check_outputs(cfg: CompressConfig) -> None:
         a, b = Path(cfg.save).resolve(), Path(cfg.save_dense).resolve()
         if a == b or a in b.parents or b in a.parents:
             raise UsageError("--save and --save_dense must be separate directories, neither inside the other")
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give the report's file name")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UsageError(f"--out {out}: the file is not writable")
+    ancestor = checkpoint.unwritable_ancestor(out)
+    if ancestor is not None:
+        raise UsageError(f"--out {out}: {ancestor} is not a writable directory")
     if cfg.save:
         checkpoint.check_destination(cfg.save, "--save", model=cfg.model)
     if cfg.save_dense:
@@ -241,7 +276,15 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
             batch_size = int(a.batch_size)
         except ValueError:
             raise UsageError(f"--batch_size must be a positive integer or auto, got {a.batch_size!r}") from None
-    evals = () if a.eval.strip().lower() in ("", "none") else tuple(s.strip() for s in a.eval.split(","))
+    for flag in ("model", "dataset", "data_dir", "revision", "out", "save", "save_dense"):
+        value = getattr(a, flag)
+        if value is not None and not value.strip():   # an unset shell variable must not fall back silently
+            raise UsageError(f"{'--' + flag if flag not in ('model', 'dataset') else flag} is empty")
+    if not a.eval.strip():   # an unset shell variable must not skip the evaluation silently
+        raise UsageError("--eval is empty; give a comma list of data sets, or none")
+    evals = () if a.eval.strip().lower() == "none" else tuple(s.strip() for s in a.eval.split(","))
+    if len(set(evals)) != len(evals):
+        raise UsageError(f"--eval has a repeated data set: {a.eval}")
     return CompressConfig(
         model=a.model, dataset=a.dataset, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, calib_split=a.calib_split,
         sparsity=a.sparsity, prunen=a.prunen, prunem=a.prunem, method=a.method, wbits=a.wbits,
@@ -720,6 +763,7 @@ def default_out(cfg: CompressConfig) -> Path:
 def run(cfg: CompressConfig) -> dict:
     validate(cfg)
     check_outputs(cfg)
+    datautils.check_sources(cfg.dataset, cfg.eval, cfg.calib_split, cfg.data_dir, calibrates=cfg.prune or cfg.quantize)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = False  # Hessian and OBS math in true float32
@@ -742,6 +786,7 @@ def _run(cfg: CompressConfig, device: torch.device, timer: StageTimer, t0: float
                                    trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     model = lm.model
     check_model(cfg, model)
+    check_memory(cfg, model, device)
     if child is not None:
         child.attention(model, cfg.seqlen)
     if cfg.batch_size is None:   # auto: resolved once, for the compression and the evaluation; the report shows it
@@ -808,7 +853,8 @@ def _peak_gib(device: torch.device, reset: bool = False) -> Optional[float]:
     return peak
 
 
-ERRORS = (UsageError, modelutils.ModelError, datautils.DataError, sparsegpt.CholeskyError, ValueError)
+# OSError: a full disk or a destination that changed during the run, reported as one line too.
+ERRORS = (UsageError, modelutils.ModelError, datautils.DataError, sparsegpt.CholeskyError, ValueError, OSError)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -116,6 +116,15 @@ def auto_batch_size(model: nn.Module, seqlen: int, device: str | torch.device) -
     return b
 
 
+def activation_bytes(model: nn.Module, nsamples: int, seqlen: int) -> int:
+    """Bytes of the calibration activations a walk holds on its device at once.
+
+    # bytes = 2 (a layer's inputs and outputs, Activations.hidden and LayerWalker.run's outs) * n * seqlen * hidden * elem
+    """
+    hidden = model.get_input_embeddings().embedding_dim
+    return 2 * nsamples * seqlen * hidden * next(model.parameters()).element_size()
+
+
 class LayerWalker:
     """Streams a decoder stack one layer at a time over captured activations."""
 

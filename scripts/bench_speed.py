@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import modelutils  # noqa: E402
 import obs_kernel  # noqa: E402
 import sparsegpt  # noqa: E402
@@ -188,14 +189,14 @@ def load(name: str, device: torch.device, dtype: str, layers: Optional[int]) -> 
     if name.startswith("synthetic:"):
         shape = name.split(":", 1)[1]
         if shape not in modelutils.SYNTHETIC_SHAPES:
-            raise SystemExit(f"unknown synthetic model {shape!r}; choose from {', '.join(modelutils.SYNTHETIC_SHAPES)}")
+            raise vicuna_mi.UsageError(f"unknown synthetic model {shape!r}; choose from {', '.join(modelutils.SYNTHETIC_SHAPES)}")
         if layers is not None:   # the same shapes with fewer decoder layers
             cut = f"{shape}-{layers}layers"
             modelutils.SYNTHETIC_SHAPES[cut] = (layers, *modelutils.SYNTHETIC_SHAPES[shape][1:])
             shape = cut
         return modelutils.synthetic_model(shape, dtype=torch_dtype, init_device=str(device) if device.type == "cuda" else "cpu")
     if layers is not None:
-        raise SystemExit("--layers applies to synthetic models only")
+        raise vicuna_mi.UsageError("--layers applies to synthetic models only")
     return modelutils.load_model(name, device=str(device), dtype=torch_dtype).model
 
 
@@ -218,7 +219,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    device = torch.device(a.device)
     torch.manual_seed(a.seed)
     torch.backends.cuda.matmul.allow_tf32 = False   # as vicuna_mi.run: Hessian and OBS math in true float32
     torch.backends.cudnn.allow_tf32 = False
@@ -227,6 +227,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                    n_groups=a.n_groups, batch_size=a.batch_size, eval=(), device=a.device,
                                    dtype=a.dtype)
     vicuna_mi.validate(cfg)
+    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.layers is not None and a.layers < 1:
+        raise vicuna_mi.UsageError(f"--layers must be >= 1, got {a.layers}")
+    if Path(a.out).is_dir() or checkpoint.unwritable_ancestor(a.out) is not None:
+        raise vicuna_mi.UsageError(f"--out {a.out}: not a file in a writable directory")
     t0 = time.perf_counter()
     # As vicuna_mi.run: Triton's forms and cuDNN's attention kernel compile in a child process during the load.
     child = None if a.baseline else warmup.start(device, (True, 0, 0, cfg.blocksize))
@@ -235,6 +240,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         child.attention(model, a.seqlen)
     load_s = time.perf_counter() - t0
     vicuna_mi.check_model(cfg, model)
+    vicuna_mi.check_memory(cfg, model, device)
     n_layers = len(model.model.layers)
     calib = torch.randint(0, model.config.vocab_size, (a.nsamples, a.seqlen),
                           generator=torch.Generator().manual_seed(a.seed))
@@ -322,5 +328,15 @@ def print_report(r: dict) -> None:
                   f"max |dW|/max|W| {row['max_abs_diff_over_max_abs_w']:.2e}")
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    """main with vicuna_mi's error contract: a bad input is one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except vicuna_mi.ERRORS as e:
+        print(f"bench_speed: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
