@@ -281,9 +281,8 @@ def check_sources(calibration: str, evaluation: Sequence[str], split: str, data_
     if data_dir is not None and not Path(data_dir).is_dir():
         raise DataError(f"--data_dir {data_dir}: not a directory")
     sources = [(name, _eval_split(name)) for name in evaluation]
-    calib = _calib_sources(calibration, split, data_dir if calibrates else None)
-    if calibrates:
-        sources += calib
+    calib = _calib_sources(calibration, split, data_dir if calibrates else None)   # names always; files if read
+    sources += calib if calibrates else []
     if data_dir is not None:
         for name, name_split in sources:
             path = Path(data_dir) / DATASETS[name].local_files[name_split]
@@ -310,9 +309,9 @@ def calibration_windows(
     if nsamples < 0 or seqlen < 1:
         raise DataError(f"need nsamples >= 0 and seqlen >= 1, got nsamples={nsamples}, seqlen={seqlen}")
     sources = _calib_sources(names, split, data_dir)
-    parts, splits = [part for part, _ in sources], [part_split for _, part_split in sources]
+    parts = [part for part, _ in sources]
     # Load every split first so a missing file fails before any tokenizing.
-    rows = [load_rows(part, part_split, data_dir) for part, part_split in zip(parts, splits)]
+    rows = [load_rows(part, part_split, data_dir) for part, part_split in sources]
     base, extra = divmod(nsamples, len(parts))
     generator = torch.Generator().manual_seed(seed)
     chunks = []

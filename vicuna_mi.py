@@ -191,6 +191,22 @@ def _size(n: int) -> str:
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
+def check_report_path(out: Path) -> None:
+    """Reject a JSON report path (--out) that can't be written, before any work."""
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a directory; give the report's file name")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise UsageError(f"--out {out}: the file is not writable")
+    ancestor = checkpoint.unwritable_ancestor(out)
+    if ancestor is not None:
+        raise UsageError(f"--out {out}: {ancestor} is not a writable directory")
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: auto is cuda when a GPU is present, else cpu."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def check_outputs(cfg: CompressConfig) -> None:
     """Reject bad --out/--save/--save_dense destinations before any work (each message is one line)."""
     if cfg.save and not (cfg.prune or cfg.quantize):
@@ -203,14 +219,7 @@ def check_outputs(cfg: CompressConfig) -> None:
         a, b = Path(cfg.save).resolve(), Path(cfg.save_dense).resolve()
         if a == b or a in b.parents or b in a.parents:
             raise UsageError("--save and --save_dense must be separate directories, neither inside the other")
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    if out.is_dir():
-        raise UsageError(f"--out {out}: is a directory; give the report's file name")
-    if out.exists() and not os.access(out, os.W_OK):
-        raise UsageError(f"--out {out}: the file is not writable")
-    ancestor = checkpoint.unwritable_ancestor(out)
-    if ancestor is not None:
-        raise UsageError(f"--out {out}: {ancestor} is not a writable directory")
+    check_report_path(Path(cfg.out) if cfg.out else default_out(cfg))
     if cfg.save:
         checkpoint.check_destination(cfg.save, "--save", model=cfg.model)
     if cfg.save_dense:
@@ -276,10 +285,10 @@ def parse_args(argv: Optional[list[str]] = None) -> CompressConfig:
             batch_size = int(a.batch_size)
         except ValueError:
             raise UsageError(f"--batch_size must be a positive integer or auto, got {a.batch_size!r}") from None
-    for flag in ("model", "dataset", "data_dir", "revision", "out", "save", "save_dense"):
-        value = getattr(a, flag)
+    for name in ("model", "dataset", "--data_dir", "--revision", "--out", "--save", "--save_dense"):
+        value = getattr(a, name.removeprefix("--"))
         if value is not None and not value.strip():   # an unset shell variable must not fall back silently
-            raise UsageError(f"{'--' + flag if flag not in ('model', 'dataset') else flag} is empty")
+            raise UsageError(f"{name} is empty")
     if not a.eval.strip():   # an unset shell variable must not skip the evaluation silently
         raise UsageError("--eval is empty; give a comma list of data sets, or none")
     evals = () if a.eval.strip().lower() == "none" else tuple(s.strip() for s in a.eval.split(","))
@@ -764,7 +773,7 @@ def run(cfg: CompressConfig) -> dict:
     validate(cfg)
     check_outputs(cfg)
     datautils.check_sources(cfg.dataset, cfg.eval, cfg.calib_split, cfg.data_dir, calibrates=cfg.prune or cfg.quantize)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = False  # Hessian and OBS math in true float32
     torch.backends.cudnn.allow_tf32 = False

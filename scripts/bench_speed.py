@@ -31,7 +31,6 @@ from typing import Iterator, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoint  # noqa: E402
 import modelutils  # noqa: E402
 import obs_kernel  # noqa: E402
 import sparsegpt  # noqa: E402
@@ -227,11 +226,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                    n_groups=a.n_groups, batch_size=a.batch_size, eval=(), device=a.device,
                                    dtype=a.dtype)
     vicuna_mi.validate(cfg)
-    device = torch.device(a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = vicuna_mi.resolve_device(a.device)
     if a.layers is not None and a.layers < 1:
         raise vicuna_mi.UsageError(f"--layers must be >= 1, got {a.layers}")
-    if Path(a.out).is_dir() or checkpoint.unwritable_ancestor(a.out) is not None:
-        raise vicuna_mi.UsageError(f"--out {a.out}: not a file in a writable directory")
+    vicuna_mi.check_report_path(Path(a.out))
     t0 = time.perf_counter()
     # As vicuna_mi.run: Triton's forms and cuDNN's attention kernel compile in a child process during the load.
     child = None if a.baseline else warmup.start(device, (True, 0, 0, cfg.blocksize))

@@ -239,7 +239,7 @@ def test_unwritable_ancestor_tries_the_directory(tmp_path):
         assert checkpoint.unwritable_ancestor("/proc/new/report.json") == Path("/proc")
 
 
-def test_activation_bytes_is_what_a_walk_holds(data_dir):
+def test_activation_bytes_is_what_a_walk_holds():
     import modelutils
     from walker import LayerWalker, activation_bytes
 
